@@ -1,0 +1,293 @@
+"""Guest-physical memory: anonymous mmap regions handed to KVM as memory slots.
+
+`GuestMemory` owns the host mappings; `Vm.set_user_memory_region` tells KVM
+about them. Every access by guest-physical address (GPA) is bounds-checked
+against the regions, so a bad address from an untrusted guest raises
+`GuestMemoryError` instead of touching host memory outside the guest.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .errors import GuestMemoryError
+
+PAGE_SIZE = 4096
+HUGE_PAGE_SIZE = 2 << 20
+
+# x86 PC convention: RAM above 3 GiB moves above 4 GiB, leaving the 32-bit
+# MMIO hole for the IOAPIC (0xfec00000), LAPIC (0xfee00000) and devices.
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 1 << 32
+
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+_MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+@dataclass(eq=False)
+class MemoryRegion:
+    """One contiguous range of guest RAM backed by one host mapping."""
+
+    gpa: int
+    size: int
+    mapping: mmap.mmap
+    slot: int
+    readonly: bool = False
+    dirty_log: bool = False
+    view: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.mapping)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + size <= self.end
+
+
+def _anonymous_mapping(size: int, *, hugepages: bool, thp: bool) -> mmap.mmap:
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if hugepages:
+        if size % HUGE_PAGE_SIZE:
+            raise GuestMemoryError(
+                f"hugepage-backed region of {size:#x} bytes is not a multiple of 2 MiB")
+        try:
+            return mmap.mmap(-1, size, flags=flags | _MAP_HUGETLB)
+        except OSError as e:
+            raise GuestMemoryError(
+                f"cannot map {size >> 20} MiB of hugetlbfs pages ({e.strerror}); "
+                "reserve them with: echo N > /proc/sys/vm/nr_hugepages") from e
+    try:
+        mapping = mmap.mmap(-1, size, flags=flags | _MAP_NORESERVE)
+    except OSError as e:
+        raise GuestMemoryError(f"cannot map {size:#x} bytes of guest memory: {e.strerror}") from e
+    if thp:
+        mapping.madvise(_MADV_HUGEPAGE)
+    return mapping
+
+
+def parse_size(text: str | int) -> int:
+    """'256M', '1G', '4096', 512 -> bytes. Raises ValueError naming the input."""
+    if isinstance(text, int):
+        return text
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t, 0)
+    except ValueError:
+        raise ValueError(f"not a memory size: {text!r} (examples: 256M, 1G, 65536)") from None
+
+
+class GuestMemory:
+    """Guest RAM as one or more regions, addressed by guest-physical address.
+
+    `GuestMemory(size)` lays RAM out like a PC: `[0, min(size, 3 GiB))` and the
+    rest from 4 GiB. `add_region` adds further slots (for example a read-only
+    one). Regions never overlap.
+    """
+
+    def __init__(self, size: int | str = 0, *, hugepages: bool = False, thp: bool = False,
+                 max_size: int = 1 << 46) -> None:
+        size = parse_size(size)
+        if size < 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(f"guest memory size {size:#x} is not a positive multiple of 4 KiB")
+        if size > max_size:
+            raise GuestMemoryError(
+                f"guest memory size {size >> 20} MiB exceeds the limit of {max_size >> 20} MiB")
+        self.hugepages = hugepages
+        self.thp = thp
+        self.regions: list[MemoryRegion] = []
+        self._starts: list[int] = []
+        low = min(size, MMIO_HOLE_START)
+        if low:
+            self.add_region(0, low)
+        if size > low:
+            self.add_region(MMIO_HOLE_END, size - low)
+
+    # -- layout ---------------------------------------------------------
+
+    def add_region(self, gpa: int, size: int, *, readonly: bool = False,
+                   dirty_log: bool = False, mapping: mmap.mmap | None = None) -> MemoryRegion:
+        """Map `size` bytes of new anonymous memory (or `mapping`) at `gpa`."""
+        if gpa % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(
+                f"region at {gpa:#x} of {size:#x} bytes is not page aligned and non-empty")
+        for r in self.regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise GuestMemoryError(
+                    f"region [{gpa:#x}, {gpa + size:#x}) overlaps slot {r.slot} "
+                    f"[{r.gpa:#x}, {r.end:#x})")
+        if mapping is None:
+            mapping = _anonymous_mapping(size, hugepages=self.hugepages, thp=self.thp)
+        elif len(mapping) != size:
+            raise GuestMemoryError(f"mapping of {len(mapping):#x} bytes given for a region of {size:#x}")
+        slot = max((r.slot for r in self.regions), default=-1) + 1
+        region = MemoryRegion(gpa, size, mapping, slot, readonly, dirty_log)
+        i = bisect.bisect(self._starts, gpa)
+        self._starts.insert(i, gpa)
+        self.regions.insert(i, region)
+        return region
+
+    @property
+    def size(self) -> int:
+        """Total bytes of guest RAM (all regions)."""
+        return sum(r.size for r in self.regions)
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """(gpa, size) of each region, in address order: the input to an e820 map."""
+        return [(r.gpa, r.size) for r in self.regions]
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self.regions)
+
+    def region_at(self, gpa: int, size: int = 1) -> MemoryRegion | None:
+        """The region holding all of [gpa, gpa+size), or None."""
+        i = bisect.bisect(self._starts, gpa) - 1
+        if i >= 0:
+            r = self.regions[i]
+            if r.contains(gpa, size):
+                return r
+        return None
+
+    def is_ram(self, gpa: int, size: int = 1) -> bool:
+        return self.region_at(gpa, size) is not None
+
+    # -- access ---------------------------------------------------------
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A zero-copy, writable view of [gpa, gpa+size); must lie in one region."""
+        if size < 0:
+            raise GuestMemoryError(f"negative length {size} at GPA {gpa:#x}")
+        r = self.region_at(gpa, max(size, 1))
+        if r is None:
+            raise GuestMemoryError(
+                f"guest-physical range [{gpa:#x}, {gpa + size:#x}) is not guest RAM")
+        off = gpa - r.gpa
+        return r.view[off:off + size]
+
+    def read(self, gpa: int, size: int) -> bytes:
+        return bytes(self.view(gpa, size))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        self.view(gpa, size)[:] = bytes([byte]) * size
+
+    def read_u8(self, gpa: int) -> int:
+        return self.view(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 2), "little")
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 4), "little")
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 8), "little")
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.view(gpa, 1)[0] = value
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<H", value))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<I", value))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<Q", value))
+
+    def load_file(self, gpa: int, path: str | os.PathLike[str]) -> int:
+        """Copy a host file into guest RAM at `gpa`; returns its size."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            view = self.view(gpa, size)
+            got = f.readinto(view)
+        if got != size:
+            raise GuestMemoryError(f"{path}: short read ({got} of {size} bytes)")
+        return size
+
+    # -- guest virtual -> guest physical -----------------------------------
+
+    def translate(self, gva: int, cr3: int, *, cr0: int = 1 << 31, cr4: int = 1 << 5,
+                  efer: int = 1 << 10) -> int:
+        """Walk the guest's page tables like the MMU does; return the GPA of `gva`.
+
+        Handles no paging, 32-bit (with PSE), PAE and 4-/5-level paging.
+        Raises `GuestMemoryError` for a non-present mapping or a table outside RAM.
+        """
+        return translate(self, gva, cr3, cr0=cr0, cr4=cr4, efer=efer)
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.view.release()
+            r.mapping.close()
+        self.regions.clear()
+        self._starts.clear()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_CR0_PG = 1 << 31
+_CR4_PSE = 1 << 4
+_CR4_PAE = 1 << 5
+_CR4_LA57 = 1 << 12
+_EFER_LMA = 1 << 10
+_PRESENT = 1
+_PS = 1 << 7
+_ADDR_MASK = 0x000F_FFFF_FFFF_F000
+
+
+def translate(mem: GuestMemory, gva: int, cr3: int, *, cr0: int, cr4: int, efer: int) -> int:
+    """Page walk shared by `GuestMemory.translate` (see there)."""
+    if not cr0 & _CR0_PG:
+        return gva & 0xFFFF_FFFF
+    if not cr4 & _CR4_PAE:
+        # 32-bit paging: 10/10/12, 4 MiB pages when PSE.
+        pde = mem.read_u32((cr3 & 0xFFFF_F000) + ((gva >> 22) & 0x3FF) * 4)
+        if not pde & _PRESENT:
+            raise GuestMemoryError(f"GVA {gva:#x}: page directory entry not present")
+        if pde & _PS and cr4 & _CR4_PSE:
+            return (pde & 0xFFC0_0000) | (gva & 0x3F_FFFF)
+        pte = mem.read_u32((pde & 0xFFFF_F000) + ((gva >> 12) & 0x3FF) * 4)
+        if not pte & _PRESENT:
+            raise GuestMemoryError(f"GVA {gva:#x}: page table entry not present")
+        return (pte & 0xFFFF_F000) | (gva & 0xFFF)
+    if efer & _EFER_LMA:
+        levels = 5 if cr4 & _CR4_LA57 else 4
+        table = cr3 & _ADDR_MASK
+    else:
+        levels = 3
+        pdpte = mem.read_u64((cr3 & 0xFFFF_FFE0) + ((gva >> 30) & 3) * 8)
+        if not pdpte & _PRESENT:
+            raise GuestMemoryError(f"GVA {gva:#x}: PDPTE not present")
+        table = pdpte & _ADDR_MASK
+        levels = 2
+    shift = 12 + 9 * (levels - 1) if levels != 2 else 21
+    for _ in range(levels):
+        entry = mem.read_u64(table + ((gva >> shift) & 0x1FF) * 8)
+        if not entry & _PRESENT:
+            raise GuestMemoryError(f"GVA {gva:#x}: paging entry for bit {shift} not present")
+        if shift == 12:
+            return (entry & _ADDR_MASK) | (gva & 0xFFF)
+        if entry & _PS and shift in (21, 30):
+            mask = (1 << shift) - 1
+            return (entry & _ADDR_MASK & ~mask) | (gva & mask)
+        table = entry & _ADDR_MASK
+        shift -= 9
+    raise GuestMemoryError(f"GVA {gva:#x}: malformed page walk")  # pragma: no cover

@@ -1,0 +1,115 @@
+"""The vCPU exit loop: KVM_RUN, decode the exit, ask the bus, repeat.
+
+Port I/O and MMIO exits take a fast path that reads `kvm_run` in place and
+calls the device on the bus without building a record. Every other exit is
+decoded into its typed record and given to a handler registered for its
+reason; without one, the loop applies the default below and returns the
+exit that ended it.
+
+Defaults: INTR (a kick) ends the loop only when `stop()` was called; an
+emulation failure goes to `Assists`; HLT, SHUTDOWN, FAIL_ENTRY,
+SYSTEM_EVENT, DEBUG and anything else end the loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from ._kvm import lib
+from .assists import Assists
+from .bus import Bus
+from .exits import Exit, IntrExit
+from .stats.accounting import ExitAccounting
+
+_IO = lib.KVM_EXIT_IO
+_MMIO = lib.KVM_EXIT_MMIO
+_INTR = lib.KVM_EXIT_INTR
+_INTERNAL = lib.KVM_EXIT_INTERNAL_ERROR
+_OUT = lib.KVM_EXIT_IO_OUT
+
+# A handler returns True to keep running, False to end the loop with this exit.
+Handler = Callable[[Exit], bool]
+
+
+class VcpuLoop:
+    """Runs one vCPU against a port-I/O bus and an MMIO bus."""
+
+    def __init__(self, vcpu: Any, pio: Bus, mmio: Bus, *, assists: Assists | None = None,
+                 handlers: dict[int, Handler] | None = None,
+                 accounting: ExitAccounting | None = None) -> None:
+        self.vcpu = vcpu
+        self.pio = pio
+        self.mmio = mmio
+        self.assists = assists if assists is not None else Assists()
+        self.handlers: dict[int, Handler] = dict(handlers or {})
+        self.accounting = accounting if accounting is not None else ExitAccounting(vcpu.id)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the loop to return at the next exit (kicks the vCPU out of KVM_RUN)."""
+        self._stop.set()
+        self.vcpu.kick()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> Exit:
+        """Run until an exit the loop does not continue from; return that exit."""
+        vcpu = self.vcpu
+        vcpu.thread_ident = threading.get_ident()
+        run = vcpu.run_struct
+        page = vcpu.page
+        pio_read, pio_write = self.pio.read, self.pio.write
+        mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        acct = self.accounting
+        enter, leave = acct.enter, acct.leave
+        count_io, count_mmio = acct.count_io, acct.count_mmio
+        run_raw = vcpu.run_raw
+        if self._stop.is_set():
+            return IntrExit(_INTR)
+        while True:
+            enter()
+            reason = run_raw()
+            leave(reason)
+            if reason == _IO:
+                io = run.io
+                port, size, count, off = io.port, io.size, io.count, io.data_offset
+                count_io(port, io.direction)
+                if io.direction == _OUT:
+                    for i in range(off, off + size * count, size):
+                        pio_write(port, size, int.from_bytes(page[i:i + size], "little"))
+                else:
+                    for i in range(off, off + size * count, size):
+                        page[i:i + size] = pio_read(port, size).to_bytes(size, "little")
+                continue
+            if reason == _MMIO:
+                m = run.mmio
+                addr, size = m.phys_addr, m.len
+                count_mmio(addr)
+                if m.is_write:
+                    mmio_write(addr, size, int.from_bytes(bytes(m.data[0:size]), "little"))
+                else:
+                    value = mmio_read(addr, size)
+                    for i in range(size):
+                        m.data[i] = (value >> (8 * i)) & 0xFF
+                continue
+            if reason == _INTR:
+                if self._stop.is_set():
+                    return IntrExit(_INTR)
+                handler = self.handlers.get(_INTR)
+                if handler is not None and not handler(IntrExit(_INTR)):
+                    return IntrExit(_INTR)
+                continue
+            exit = vcpu.decode_exit()
+            handler = self.handlers.get(reason)
+            if handler is not None:
+                if handler(exit):
+                    continue
+                return exit
+            if reason == _INTERNAL:
+                self.assists.handle(vcpu, exit)  # completes the instruction or raises GuestError
+                acct.assists += 1
+                continue
+            return exit
