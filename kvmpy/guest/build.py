@@ -395,12 +395,11 @@ class RichReporter:
     def finish(self, step: str, summary: str) -> None:
         if self._task is None:
             return
-        task = self._progress.tasks[-1]
-        done = task.completed if task.total is None else max(task.total, task.completed)
-        self._progress.update(
-            self._task, description=f"{step}: {summary}", total=done or 1,
-            completed=done or 1, last="",
-        )
+        # The bar's total was an estimate (the previous build's line count):
+        # show what actually happened, e.g. 37/37 for an incremental rebuild.
+        done = int(self._progress.tasks[-1].completed) or 1
+        self._progress.update(self._task, description=f"{step}: {summary}", total=done,
+                              completed=done, last="")
         self._task = None
 
     def close(self) -> None:
