@@ -72,7 +72,9 @@ class I8042:
     """A keyboard controller that answers a few commands and resets the VM.
 
     ``on_reset`` is called (outside the device lock, on the vCPU thread that
-    wrote the command) when the guest pulses the reset line.
+    wrote the command) each time the guest pulses the reset line; Linux
+    writes the command up to ten times, so repeats before the machine stops
+    its vCPUs are the same reset.
     """
 
     def __init__(self, on_reset: Callable[[], None]) -> None:
