@@ -468,6 +468,7 @@ class Serial16550:
             self._msr_deltas |= Msr.TERI
         if was_loop and not self._mcr & Mcr.LOOP:
             self._refill_rx_fifo()  # the receiver is on the line again
+            self._rx_space_freed.notify_all()
 
     # -- internal state ------------------------------------------------------
 
