@@ -18,11 +18,16 @@ from ..errors import BootError
 
 PAGE_SIZE = 0x1000
 
-# -- CPU-mode structures (written by the x86 CPU-mode setup) -----------------
+# -- CPU-mode structures (written by kvmpy/x86/modes.py) ----------------------
+# These match what modes.py writes: GDT slots 0..8 (null, CODE32 0x08,
+# __BOOT_CS 0x10, __BOOT_DS 0x18, a 16-byte TSS descriptor 0x20, user
+# segments up to 0x43), a full page for the 256 long-mode IDT gates, a TSS.
 GDT_ADDR = 0x500
-GDT_SIZE = 0x20  # null, (unused), __BOOT_CS 0x10, __BOOT_DS 0x18
-IDT_ADDR = 0x520
-IDT_SIZE = 0x8  # an empty IDT: interrupts stay off until the guest loads its own
+GDT_SIZE = 0x80
+IDT_ADDR = 0x1000
+IDT_SIZE = 0x1000
+TSS_ADDR = 0x2000
+TSS_SIZE = 0x1000
 PML4_ADDR = 0x9000
 PDPT_ADDR = 0xA000
 PD_ADDR = 0xB000  # four page directories 0xb000..0xefff: 2 MiB pages for the first 4 GiB
@@ -64,7 +69,7 @@ E820_RESERVED = 2
 
 # Named low-memory structures a loaded kernel image must not overlap.
 BOOT_STRUCTURES: tuple[tuple[str, int, int], ...] = (
-    ("GDT/IDT", GDT_ADDR, IDT_ADDR + IDT_SIZE - GDT_ADDR),
+    ("GDT/IDT/TSS", GDT_ADDR, TSS_ADDR + TSS_SIZE - GDT_ADDR),
     ("boot information (zero page)", BOOT_INFO_ADDR, BOOT_INFO_SIZE),
     ("page tables", PML4_ADDR, PAGE_TABLES_END - PML4_ADDR),
     ("command line", CMDLINE_ADDR, CMDLINE_MAX_SIZE),

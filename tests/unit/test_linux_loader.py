@@ -422,14 +422,25 @@ def test_kernel_info_rejects_unknown_file(tmp_path):
 
 # -- the project's real kernel, when built -------------------------------------------
 
+# Where the guest build leaves its kernels: the installed copy, or the build tree.
+_KERNEL_GLOBS = {
+    "bzImage": ["~/.cache/kvmpy/kernel-*/bzImage",
+                "~/.cache/kvmpy/linux-build/*/arch/x86/boot/bzImage"],
+    "vmlinux": ["~/.cache/kvmpy/kernel-*/vmlinux", "~/.cache/kvmpy/linux-build/*/vmlinux"],
+}
+
+
 def _real_kernels(name: str) -> list[str]:
-    return sorted(glob.glob(os.path.expanduser(f"~/.cache/kvmpy/kernel-*/{name}")))
+    found: list[str] = []
+    for pattern in _KERNEL_GLOBS[name]:
+        found += sorted(glob.glob(os.path.expanduser(pattern)))
+    return found
 
 
 @pytest.mark.skipif(not _real_kernels("bzImage"),
                     reason="no ~/.cache/kvmpy/kernel-*/bzImage yet (built by the guest build)")
 def test_real_bzimage_loads_with_its_header():
-    path = Path(_real_kernels("bzImage")[-1])
+    path = Path(_real_kernels("bzImage")[0])
     with GuestMemory(256 * MiB) as m:
         entry = load_linux(m, path, cmdline="console=ttyS0 nopv")
         h = read_boot_params(m).hdr
@@ -443,7 +454,7 @@ def test_real_bzimage_loads_with_its_header():
 @pytest.mark.skipif(not _real_kernels("vmlinux"),
                     reason="no ~/.cache/kvmpy/kernel-*/vmlinux yet (built by the guest build)")
 def test_real_vmlinux_entry_is_physical_startup_64():
-    path = Path(_real_kernels("vmlinux")[-1])
+    path = Path(_real_kernels("vmlinux")[0])
     with GuestMemory(256 * MiB) as m:
         entry: BootEntry = load_linux(m, path, cmdline="console=ttyS0")
         start, size = entry.kernel_range
