@@ -23,6 +23,8 @@ from .exits import InternalErrorExit
 
 # A completion gets (vcpu, regs, instruction bytes) and returns True when done.
 Completion = Callable[[Any, Any, bytes], bool]
+# A hook sees the raw exit first (before any register ioctl) and returns True if it handled it.
+Hook = Callable[[Any, InternalErrorExit], bool]
 
 BP_VECTOR = 3
 
@@ -51,6 +53,7 @@ class Assists:
         self.memory = memory
         self.enabled = enabled
         self.completed: Counter[str] = Counter()
+        self.hooks: list[Hook] = []
         # First opcode byte -> (name, completion). Longer patterns are the
         # business of the instruction-completion layer built on this table.
         self.table: dict[int, tuple[str, Completion]] = {0xCC: ("int3", _int3), 0x9B: ("fwait", _fwait)}
@@ -69,6 +72,9 @@ class Assists:
             return b""
 
     def handle(self, vcpu: Any, exit: InternalErrorExit) -> bool:
+        for hook in self.hooks:
+            if hook(vcpu, exit):
+                return True
         regs = vcpu.get_regs()
         sregs = vcpu.get_sregs()
         insn = self.instruction_bytes(vcpu, exit, regs, sregs) if exit.is_emulation_failure else b""

@@ -232,7 +232,10 @@ class GuestMemory:
     def close(self) -> None:
         for r in self.regions:
             r.view.release()
-            r.mapping.close()
+            try:
+                r.mapping.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping goes with it
         self.regions.clear()
         self._starts.clear()
 

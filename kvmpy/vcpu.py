@@ -302,7 +302,10 @@ class Vcpu:
             self.run_struct = None
             ffi.release(self._buffer)
             self.page.release()
-            self._page.close()
+            try:
+                self._page.close()
+            except BufferError:
+                pass  # an exit record still views the page; it is unmapped when that goes
             os.close(self.fd)
             self.fd = -1
 

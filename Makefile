@@ -1,0 +1,43 @@
+# kvmpy: `make run` boots the minimal Linux guest, `make test` runs the suite.
+# Both set up everything first (Debian packages, a venv, the guest kernel).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+KVMPY  := $(VENV)/bin/kvmpy
+
+.PHONY: all deps venv guest run test test-unit bench clean
+
+all: venv
+
+deps:
+	@sh scripts/install-deps.sh
+
+# The editable install compiles the cffi bindings against this machine's
+# <linux/kvm.h>; re-run when the build scripts change.
+$(VENV)/.installed: pyproject.toml setup.py kvmpy/_build_kvm.py kvmpy/boot/_build_bootparam.py
+	@$(MAKE) --no-print-directory deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+guest: venv
+	$(KVMPY) build-guest
+
+run: guest
+	$(KVMPY) run
+
+test: guest
+	$(PY) -m pytest -q -ra
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+bench: venv
+	$(PY) scripts/bench_exits.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info kvmpy/*.so kvmpy/_kvm.c kvmpy/boot/*.so kvmpy/boot/_bootparam.c

@@ -1,0 +1,216 @@
+"""The `kvmpy` command: run a Linux guest, build the guest artifacts, describe the host.
+
+    kvmpy run [--kernel K] [--initrd I] [--cmdline ...] [--mem 256M] [--cpus N]
+    kvmpy build-guest
+    kvmpy info
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import sys
+import termios
+import threading
+import tty
+from pathlib import Path
+from typing import Sequence
+
+from .errors import BootError, KvmError
+from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome
+from .platform import detect_backend, resolve_quirks
+
+ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU)
+
+RUN_EPILOG = """\
+With no --kernel, kvmpy builds (once, cached) its own micro-VM kernel from
+Debian's linux-source and a busybox initramfs, and boots those.
+
+The console is the guest's COM1 on your terminal. Press Ctrl-A then x to
+stop the VM. Exit status: 0 guest powered off, 1 error, 3 guest rebooted
+(the VM stops instead of restarting), 4 guest kernel panic, 130 stopped
+from the host (Ctrl-A x, Ctrl-C, --timeout).
+
+Host quirks: on a software KVM backend (PVM) kvmpy completes instructions
+the backend cannot emulate and adds command-line feature masks; on VT-x or
+AMD-V hosts it changes nothing. --quirks overrides the detected choice.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmpy", description="A thin hypervisor in Python on Linux KVM.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot a Linux guest with its console on this terminal",
+                         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--kernel", type=Path, help="bzImage or ELF vmlinux (default: the built guest kernel)")
+    run.add_argument("--initrd", type=Path, help="initramfs (default: the built busybox initramfs)")
+    run.add_argument("--cmdline", default=DEFAULT_CMDLINE,
+                     help="kernel command line (default: %(default)r)")
+    run.add_argument("--append", default="", help="words added to the command line")
+    run.add_argument("--mem", default="256M", help="guest memory, e.g. 256M or 1G (default: %(default)s)")
+    run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default: %(default)s)")
+    run.add_argument("--entry", choices=["auto", "linux64", "pvh"], default="auto",
+                     help="boot entry for an ELF vmlinux (default: 64-bit boot protocol)")
+    run.add_argument("--quirks", choices=["auto", "pvm", "none"], default="auto",
+                     help="host workarounds: detect (auto), force the PVM set, or none")
+    run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
+    run.add_argument("--quiet", action="store_true", help="no kvmpy messages on stderr")
+
+    sub.add_parser("build-guest", help="build the micro-VM kernel and busybox initramfs (cached)")
+    sub.add_parser("info", help="show the KVM backend, quirks and key capabilities")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "build-guest":
+            return cmd_build_guest()
+        return cmd_info()
+    except (BootError, KvmError) as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return 1
+
+
+def default_guest(progress: bool = True) -> tuple[Path, Path]:
+    """(vmlinux, initramfs) of kvmpy's own guest, building them if needed."""
+    from .boot.initramfs import build_busybox_initramfs
+    from .guest.build import build_kernel
+
+    kernel = build_kernel(progress=progress)
+    return kernel.vmlinux, build_busybox_initramfs()
+
+
+def cmd_build_guest() -> int:
+    vmlinux, initrd = default_guest()
+    print(f"kernel:    {vmlinux}\ninitramfs: {initrd}")
+    return 0
+
+
+def cmd_info() -> int:
+    from .kvm import Capability, Kvm
+
+    backend = detect_backend()
+    print(f"backend: {backend.value}")
+    print(f"quirks:  {resolve_quirks('auto').describe()}")
+    with Kvm() as kvm:
+        print(f"KVM API version {kvm.get_api_version()}")
+        for cap in ("IRQCHIP", "PIT2", "IRQFD", "IOEVENTFD", "SIGNAL_MSI", "IRQ_ROUTING", "READONLY_MEM",
+                    "SYNC_REGS", "X86_USER_SPACE_MSR", "BINARY_STATS_FD", "DIRTY_LOG_RING", "NR_VCPUS",
+                    "MAX_VCPUS", "NR_MEMSLOTS"):
+            print(f"  KVM_CAP_{cap:<20} {kvm.check_extension(Capability[cap])}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    kernel, initrd = args.kernel, args.initrd
+    if kernel is None:
+        built_kernel, built_initrd = default_guest(progress=not args.quiet)
+        kernel = built_kernel
+        initrd = initrd or built_initrd
+    cmdline = " ".join(w for w in (args.cmdline, args.append) if w)
+    config = MachineConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=args.mem,
+                           cpus=args.cpus, quirks=args.quirks, entry=args.entry)
+    out_fd = sys.stdout.fileno()
+    machine = Machine(config, console=lambda b: _write_all(out_fd, b))
+    if not args.quiet:
+        print(f"kvmpy: {kernel.name}, {args.mem} RAM, {args.cpus} vCPU(s), "
+              f"{machine.quirks.describe()}; Ctrl-A x quits", file=sys.stderr)
+    with machine, _Console(machine) as console:
+        machine.start()
+        outcome = _wait(machine, args.timeout, console)
+    if not args.quiet:
+        print(f"\r\nkvmpy: guest {outcome.status.value}" + (f": {outcome.detail}" if outcome.detail else ""),
+              file=sys.stderr)
+    return outcome.exit_code
+
+
+def _wait(machine: Machine, timeout: float | None, console: "_Console") -> Outcome:
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        waited = 0.0
+        while True:
+            outcome = machine.wait(0.1)
+            if outcome is not None:
+                return outcome
+            waited += 0.1
+            if stop.is_set() or console.quit.is_set():
+                return machine.stop("stopped from the host")
+            if timeout is not None and waited >= timeout:
+                return machine.stop(f"timeout after {timeout:g} s")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+class _Console:
+    """Host stdin -> guest COM1: raw mode on a terminal (restored on exit), Ctrl-A x quits."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.quit = threading.Event()
+        self._fd = sys.stdin.fileno() if sys.stdin is not None and not sys.stdin.closed else -1
+        self._saved: list | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Console:
+        if self._fd < 0:
+            return self
+        if os.isatty(self._fd):
+            self._saved = termios.tcgetattr(self._fd)
+            tty.setraw(self._fd)
+        self._thread = threading.Thread(target=self._pump, name="console-input", daemon=True)
+        self._thread.start()
+        return self
+
+    def _pump(self) -> None:
+        escape = False
+        while not self.quit.is_set() and not self.machine.finished:
+            try:
+                ready, _, _ = select.select([self._fd], [], [], 0.2)
+                if not ready:
+                    continue
+                data = os.read(self._fd, 256)
+            except OSError:
+                return
+            if not data:
+                return  # EOF on stdin: keep the guest running, stop reading
+            out = bytearray()
+            for byte in data:
+                if escape:
+                    escape = False
+                    if byte in (ord("x"), ord("X")):
+                        self.quit.set()
+                        return
+                    if byte != ESCAPE:
+                        out.append(ESCAPE)
+                elif byte == ESCAPE:
+                    escape = True
+                    continue
+                out.append(byte)
+            view = bytes(out)
+            while view and not self.machine.finished:
+                taken = self.machine.send_input(view)
+                view = view[taken:]
+                if view:
+                    self.machine.serial.wait_for_rx_space(0.5)
+
+    def __exit__(self, *exc: object) -> None:
+        self.quit.set()
+        if self._saved is not None:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The assembled micro-VM that boots Linux: config -> memory, loader, irqchip, devices, vCPU threads.
+
+Order matters for the error promise: the config is validated and the kernel
+and initrd are loaded into (not yet registered) guest memory first, so a bad
+image fails before any VM exists. Then the VM gets its in-kernel irqchip
+(PIC, IOAPIC, LAPICs) and PIT, the memory slots, COM1 and the i8042, and one
+vCPU per CPU. The boot CPU starts at the kernel's entry; the others wait in
+KVM for the INIT/SIPI the guest sends through its LAPIC.
+
+How the guest stopped becomes an `Outcome` and a process exit status:
+power-off (console line "reboot: Power down": a kernel without ACPI halts
+there), reboot (i8042 reset or triple fault), panic (console "Kernel
+panic"), error (the VMM could not continue).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from .assists import Assists
+from .boot.linux import BootEntry, load_linux
+from .bus import Bus, mmio_bus, pio_bus
+from .devices.i8042 import I8042
+from .devices.serial import Serial16550
+from .errors import BootError, GuestError, KvmError
+from .exits import Exit, ShutdownExit, SystemEventExit
+from .kvm import Kvm
+from .memory import GuestMemory, parse_size
+from .platform import Quirks, resolve_quirks
+from .runloop import VcpuLoop
+from .vcpu import Vcpu
+from .vm import Vm
+from .x86 import modes, syscall_trap
+from .x86.cpuid import vcpu_cpuid
+from .x86.mptable import max_cpus, write_mptable
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+I8042_PORT = 0x60
+I8042_PORTS = 5  # 0x60 data .. 0x64 status/command
+
+# Like Firecracker's default: serial console, reset through the keyboard
+# controller, no module loading, and a panic turns into a reset we can see.
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd"
+
+MIN_MEMORY = 32 << 20
+
+POWER_OFF_MARKER = b"reboot: Power down"
+HALT_MARKER = b"reboot: System halted"
+PANIC_MARKER = b"Kernel panic - not syncing"
+
+
+class Status(enum.Enum):
+    POWEROFF = "poweroff"
+    REBOOT = "reboot"
+    PANIC = "panic"
+    ERROR = "error"
+    STOPPED = "stopped"  # stopped by the host (stop(), Ctrl-C, timeout)
+
+    @property
+    def exit_code(self) -> int:
+        return _EXIT_CODES[self]
+
+
+# The process exit status of `kvmpy run` for each way a guest can end.
+_EXIT_CODES = {Status.POWEROFF: 0, Status.ERROR: 1, Status.REBOOT: 3, Status.PANIC: 4, Status.STOPPED: 130}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    detail: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return self.status.exit_code
+
+
+@dataclass
+class MachineConfig:
+    """What to boot and on how much machine. Validated by `validate()`."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = DEFAULT_CMDLINE
+    memory: int | str = "256M"
+    cpus: int = 1
+    quirks: str = "auto"  # auto | pvm | none
+    entry: str = "auto"  # auto | linux64 | pvh
+
+    def validate(self) -> None:
+        mem = parse_size(self.memory) if isinstance(self.memory, str) else self.memory
+        host = psutil.virtual_memory().total
+        if mem < MIN_MEMORY:
+            raise BootError(f"memory {mem >> 20} MiB is too small to boot Linux (at least {MIN_MEMORY >> 20} MiB)")
+        if mem > host:
+            raise BootError(f"memory {mem >> 20} MiB is more than this host has ({host >> 20} MiB)")
+        if mem % 4096:
+            raise BootError(f"memory {mem:#x} is not a multiple of 4 KiB")
+        if not 1 <= self.cpus <= max_cpus():
+            raise BootError(f"cpus {self.cpus}: must be between 1 and {max_cpus()}")
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path is not None and not Path(path).is_file():
+                raise BootError(f"{what} {path}: no such file")
+        self.memory = mem
+
+
+@dataclass
+class ConsoleLog:
+    """Everything the guest printed on COM1, searchable while it runs."""
+
+    data: bytearray = field(default_factory=bytearray)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def append(self, b: bytes) -> None:
+        with self.cond:
+            self.data += b
+            self.cond.notify_all()
+
+    def wait_for(self, text: bytes, timeout: float | None, start: int = 0) -> int:
+        """Offset just past `text` once printed; -1 on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while True:
+                i = self.data.find(text, start)
+                if i >= 0:
+                    return i + len(text)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return -1
+                self.cond.wait(remaining if remaining is not None else 1.0)
+
+    def text(self) -> str:
+        with self.cond:
+            return self.data.decode(errors="replace")
+
+
+class Machine:
+    """A Linux-booting micro-VM. `start()`, then `wait()` for its `Outcome`."""
+
+    def __init__(self, config: MachineConfig, *, console: Callable[[bytes], None] | None = None,
+                 kvm: Kvm | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.quirks: Quirks = resolve_quirks(config.quirks)
+        self.console = ConsoleLog()
+        self._console_sink = console
+        self._outcome: Outcome | None = None
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._scan_from = 0
+
+        self.memory = GuestMemory(config.memory)
+        try:
+            self.boot: BootEntry = load_linux(self.memory, config.kernel, initrd=config.initrd,
+                                              cmdline=self._cmdline(tsc_khz=None),
+                                              entry=config.entry,  # type: ignore[arg-type]
+                                              reserved=syscall_trap.RESERVED if self.quirks.syscall_trap else ())
+            write_mptable(self.memory, config.cpus)
+            self.kvm = kvm if kvm is not None else Kvm()
+            self._own_kvm = kvm is None
+            self.vm: Vm = self.kvm.create_vm()
+            self._build_vm()
+        except BaseException:
+            self.memory.close()
+            raise
+
+    # -- assembly ---------------------------------------------------------------
+
+    def _cmdline(self, tsc_khz: int | None) -> str:
+        words = [self.config.cmdline]
+        if self.quirks.cmdline:
+            words.append(self.quirks.cmdline)
+        if self.quirks.tsc_khz_on_cmdline and tsc_khz:
+            words.append(f"tsc_early_khz={tsc_khz}")
+        return " ".join(w for w in words if w)
+
+    def _build_vm(self) -> None:
+        vm = self.vm
+        vm.set_tss_addr()
+        vm.set_identity_map_addr()
+        vm.create_irqchip()
+        vm.create_pit2()
+        vm.add_memory(self.memory)
+
+        self.pio: Bus = pio_bus()
+        self.mmio: Bus = mmio_bus()
+        self.serial = Serial16550(self._on_console, irq=lambda level: vm.irq_line(COM1_IRQ, int(level)))
+        self.pio.register(COM1_PORT, 8, self.serial, "COM1")
+        self.i8042 = I8042(on_reset=lambda: self._finish(Outcome(Status.REBOOT, "i8042 reset")))
+        self.pio.register(I8042_PORT, I8042_PORTS, self.i8042, "i8042")
+
+        supported = self.kvm.get_supported_cpuid()
+        self.vcpus: list[Vcpu] = []
+        self.loops: list[VcpuLoop] = []
+        for i in range(self.config.cpus):
+            vcpu = vm.create_vcpu(i)
+            vcpu.set_cpuid2(vcpu_cpuid(supported, i, self.config.cpus))
+            self.vcpus.append(vcpu)
+            assists = Assists(self.memory, enabled=self.quirks.emulation_assists)
+            loop = VcpuLoop(vcpu, self.pio, self.mmio, assists=assists)
+            self.loops.append(loop)
+
+        self.syscall_trap: syscall_trap.SyscallTrap | None = None
+        if self.quirks.syscall_trap:
+            self.syscall_trap = syscall_trap.SyscallTrap(vm, self.memory)
+            for loop in self.loops:
+                self.syscall_trap.attach(loop)
+
+        if self.quirks.tsc_khz_on_cmdline:
+            self._rewrite_cmdline(self._cmdline(self.vcpus[0].get_tsc_khz()))
+        self._setup_boot_cpu(self.vcpus[0])
+
+    def _rewrite_cmdline(self, cmdline: str) -> None:
+        # The loader placed and measured the command line before the VM
+        # existed; the TSC frequency is only known now. Same address, longer text.
+        data = cmdline.encode() + b"\0"
+        if len(data) > 2048:
+            raise BootError(f"command line of {len(data)} bytes is too long (limit 2047)")
+        self.memory.write(self.boot.cmdline_addr, data)
+        self.cmdline = cmdline
+
+    def _setup_boot_cpu(self, vcpu: Vcpu) -> None:
+        b = self.boot
+        if b.mode == "linux64":
+            modes.setup_long_mode(vcpu, self.memory, b.rip, stack=0, regs={"rsi": b.rsi})
+        else:
+            modes.setup_protected_mode(vcpu, self.memory, b.rip, stack=0, regs={"rax": b.rax, "rbx": b.rbx})
+
+    # -- console ----------------------------------------------------------------
+
+    def _on_console(self, data: bytes) -> None:
+        self.console.append(data)
+        if self._console_sink is not None:
+            self._console_sink(data)
+        if data == b"\n":
+            self._scan_console()
+
+    def _scan_console(self) -> None:
+        log = self.console.data
+        window = bytes(log[max(self._scan_from - 64, 0):])
+        self._scan_from = len(log)
+        if PANIC_MARKER in window:
+            self._finish(Outcome(Status.PANIC, "guest kernel panic"), defer=True)
+        elif POWER_OFF_MARKER in window or HALT_MARKER in window:
+            self._finish(Outcome(Status.POWEROFF, "guest powered off"))
+
+    def send_input(self, data: bytes) -> int:
+        """Queue host keystrokes for the guest's COM1; returns how many were taken."""
+        return self.serial.receive(data)
+
+    # -- running ------------------------------------------------------------------
+
+    def start(self) -> None:
+        for loop in self.loops:
+            t = threading.Thread(target=self._vcpu_thread, args=(loop,), name=f"vcpu{loop.vcpu.id}",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _vcpu_thread(self, loop: VcpuLoop) -> None:
+        try:
+            exit = loop.run()
+            outcome = self._outcome_of(exit)
+        except GuestError as e:
+            outcome = Outcome(Status.ERROR, str(e))
+        except KvmError as e:
+            outcome = Outcome(Status.ERROR, f"vcpu {loop.vcpu.id}: {e}")
+        except Exception as e:  # a VMM bug: report, never hang the other vCPUs
+            outcome = Outcome(Status.ERROR, f"vcpu {loop.vcpu.id}: {type(e).__name__}: {e}")
+        if outcome is not None:
+            self._finish(outcome)
+
+    def _outcome_of(self, exit: Exit) -> Outcome | None:
+        if self._done.is_set() and self._outcome is not None:
+            return None
+        if isinstance(exit, ShutdownExit):
+            return Outcome(Status.REBOOT, "triple fault")
+        if isinstance(exit, SystemEventExit):
+            return Outcome(Status.POWEROFF if exit.type == 1 else Status.REBOOT, f"system event {exit.type}")
+        return Outcome(Status.ERROR, f"unexpected exit {exit.name}")
+
+    def _finish(self, outcome: Outcome, defer: bool = False) -> None:
+        if self._outcome is None or (self._outcome.status is Status.REBOOT and outcome.status is Status.PANIC):
+            self._outcome = outcome
+        if defer:
+            return  # a panic still prints its trace, then resets (panic=-1)
+        self._done.set()
+        for loop in self.loops:
+            loop.stop()
+
+    @property
+    def finished(self) -> bool:
+        """True once the guest has stopped (or is being stopped)."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """The outcome once the guest stopped; None if `timeout` passed first."""
+        if not self._done.wait(timeout):
+            return None
+        for t in self._threads:
+            t.join(5)
+        return self._outcome
+
+    def stop(self, detail: str = "stopped by the host") -> Outcome:
+        self._finish(Outcome(Status.STOPPED, detail))
+        for t in self._threads:
+            t.join(5)
+        assert self._outcome is not None
+        return self._outcome
+
+    def close(self) -> None:
+        if not self._done.is_set():
+            self.stop()
+        self.vm.close()
+        self.memory.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def exit_stats(self) -> list:
+        return [loop.accounting for loop in self.loops]
+
+
+__all__ = ["DEFAULT_CMDLINE", "Machine", "MachineConfig", "Outcome", "Status"]
