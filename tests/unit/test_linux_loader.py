@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -465,3 +467,28 @@ def test_real_vmlinux_entry_is_physical_startup_64():
             with GuestMemory(256 * MiB) as m2:
                 pvh = load_linux(m2, path, cmdline="console=ttyS0", entry="pvh")
                 assert start <= pvh.rip < start + size
+
+
+# -- the e820 map -------------------------------------------------------------------
+
+_page = st.integers(min_value=0, max_value=0x3000).map(lambda n: n * 0x1000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_page, st.integers(min_value=1, max_value=64).map(lambda n: n * 0x1000)),
+                max_size=6))
+def test_e820_map_is_sorted_disjoint_and_keeps_reserved_out_of_ram(reserved):
+    ram = [(0, 0x2000000)]
+    entries = layout.e820_map(ram, reserved)
+    for a, b in zip(entries, entries[1:]):
+        assert a.end <= b.addr  # sorted, no overlaps
+    holes = reserved + [(0x9FC00, 0x100000 - 0x9FC00)]
+    for e in entries:
+        if e.type == layout.E820_RAM:
+            assert all(e.end <= g or g + s <= e.addr for g, s in holes)
+    # Every RAM byte outside the holes is still RAM.
+    covered = sum(e.size for e in entries if e.type == layout.E820_RAM)
+    hole_bytes = set()
+    for g, s in holes:
+        hole_bytes.update(range(max(g, 0) >> 10, min(g + s, 0x2000000) >> 10))
+    assert covered == 0x2000000 - len(hole_bytes) * 1024
