@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Protocol, Sequence
 
@@ -219,19 +220,13 @@ class SourceTarball:
 
 def find_linux_source(pattern: str = SOURCE_GLOB) -> SourceTarball:
     """The newest Debian linux-source tarball; clear error if none is installed."""
-    candidates = sorted(Path(p) for p in _glob(pattern))
+    candidates = [Path(p) for p in glob.glob(pattern)]
     if not candidates:
         raise GuestBuildError(
             f"no kernel source tarball matches {pattern}; "
             f"install it with `apt-get install linux-source`"
         )
     return SourceTarball.from_path(max(candidates, key=_version_sort_key))
-
-
-def _glob(pattern: str) -> list[str]:
-    import glob
-
-    return glob.glob(pattern)
 
 
 def _version_sort_key(path: Path) -> tuple[int, ...]:
@@ -280,7 +275,13 @@ class KernelArtifacts:
 
     @classmethod
     def load(cls, directory: Path) -> "KernelArtifacts":
-        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        manifest_path = directory / MANIFEST_NAME
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            manifest["version"], manifest["banner"], manifest["build_seconds"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise GuestBuildError(f"{manifest_path}: unreadable build manifest ({exc}); "
+                                  f"delete {directory} to rebuild") from exc
         return cls(
             directory=directory,
             vmlinux=directory / "vmlinux",
@@ -571,10 +572,14 @@ def read_kernel_version(object_dir: Path) -> str:
 
 def read_banner(vmlinux: Path) -> str:
     """The linux_banner string embedded in vmlinux ("Linux version 6.1... #1 SMP ...")."""
-    match = _BANNER.search(vmlinux.read_bytes())
-    if not match:
+    banners = [m.group(0).decode(errors="replace").strip()
+               for m in _BANNER.finditer(vmlinux.read_bytes())]
+    if not banners:
         raise GuestBuildError(f"{vmlinux}: no 'Linux version' banner found; not a Linux vmlinux")
-    return match.group(0).decode(errors="replace").strip()
+    # 6.1 links a placeholder banner ("... # SMP") into the first vmlinux pass
+    # and the real one ("#1 SMP <date>") in init/version-timestamp.c: prefer it.
+    stamped = [b for b in banners if re.search(r"#\d+ ", b)]
+    return (stamped or banners)[-1]
 
 
 def publish_artifacts(paths: BuildPaths, *, inputs: Mapping[str, object], build_seconds: float,
