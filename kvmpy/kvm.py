@@ -60,7 +60,11 @@ class Kvm:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise _open_error(path, e) from None
-        version = self.get_api_version()
+        try:
+            version = self.get_api_version()
+        except KvmIoctlError as e:
+            os.close(self.fd)
+            raise KvmUnavailableError(f"{path}: not a KVM device ({e})") from None
         if version != lib.KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailableError(
