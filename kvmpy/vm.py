@@ -257,7 +257,7 @@ class Vm:
         f.flags = lib.KVM_MSR_FILTER_DEFAULT_ALLOW if default_allow else lib.KVM_MSR_FILTER_DEFAULT_DENY
         keep = []
         for r, (flags, base, nmsrs, bitmap) in zip(f.ranges, ranges):
-            buf = ffi.new("uint8_t[]", bitmap)
+            buf = ffi.new("__u8[]", bitmap)
             keep.append(buf)
             r.flags, r.base, r.nmsrs, r.bitmap = flags, base, nmsrs, buf
         ioctl(self.fd, "KVM_X86_SET_MSR_FILTER", f)

@@ -23,11 +23,11 @@ PAGE_SIZE = 0x1000
 # __BOOT_CS 0x10, __BOOT_DS 0x18, a 16-byte TSS descriptor 0x20, user
 # segments up to 0x43), a full page for the 256 long-mode IDT gates, a TSS.
 GDT_ADDR = 0x500
-GDT_SIZE = 0x80
-IDT_ADDR = 0x1000
+GDT_SIZE = 0x50  # null, CODE32 0x08, __BOOT_CS 0x10, __BOOT_DS 0x18, user 0x23/0x2b/0x33, TSS 0x40
+IDT_ADDR = 0x1000  # a page: 256 long-mode gates (written only for guests that ask for an IDT)
 IDT_SIZE = 0x1000
 TSS_ADDR = 0x2000
-TSS_SIZE = 0x1000
+TSS_SIZE = 0x68
 PML4_ADDR = 0x9000
 PDPT_ADDR = 0xA000
 PD_ADDR = 0xB000  # four page directories 0xb000..0xefff: 2 MiB pages for the first 4 GiB

@@ -16,24 +16,22 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..boot.layout import GDT_ADDR, IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, TSS_ADDR
 from ..memory import GuestMemory
 
-# Low-memory layout (same as the boot layout; see kvmpy/boot/layout.py).
-GDT_ADDR = 0x500
-IDT_ADDR = 0x1000  # a page of its own: 256 long-mode gates are 4 KiB
-TSS_ADDR = 0x2000
-PML4_ADDR = 0x9000
-PDPT_ADDR = 0xA000
-PD_ADDR = 0xB000  # four pages: 0xb000-0xefff map the first 4 GiB with 2 MiB pages
+# The tables' addresses come from the one low-memory layout (kvmpy/boot/layout.py).
 
-# Selectors.
+# Selectors. Kernel and user slots are those of Linux (__KERNEL_CS 0x10,
+# __KERNEL_DS 0x18, __USER32_CS 0x23, __USER_DS 0x2b, __USER_CS 0x33), so
+# SYSCALL/SYSRET work with STAR = (0x20 << 48) | (0x10 << 32), as in Linux.
 CODE32_SEL = 0x08
 CODE64_SEL = 0x10
 DATA_SEL = 0x18
-TSS_SEL = 0x20  # 16 bytes in long mode: GDT slots 4 and 5
+USER_CODE32_SEL = 0x23  # slot 4, RPL 3
+USER_DATA_SEL = 0x2B  # slot 5, RPL 3
 USER_CODE64_SEL = 0x33  # slot 6, RPL 3
-USER_DATA_SEL = 0x3B  # slot 7, RPL 3
-USER_CODE32_SEL = 0x43  # slot 8, RPL 3
+TSS_SEL = 0x40  # slot 8; 16 bytes in long mode (slots 8 and 9)
+STAR_LINUX = (0x20 << 48) | (CODE64_SEL << 32)
 
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1
@@ -111,10 +109,10 @@ def _tss_descriptor(base: int, limit: int, long_mode: bool) -> bytes:
 
 def write_gdt(mem: GuestMemory, *, tss_base: int | None = None, long_mode: bool = True) -> int:
     """Write kvmpy's GDT at GDT_ADDR; returns its limit (size - 1)."""
-    entries = [b"\0" * 8, CODE32.descriptor(), CODE64.descriptor(), DATA.descriptor()]
+    entries = [b"\0" * 8, CODE32.descriptor(), CODE64.descriptor(), DATA.descriptor(),
+               USER_CODE32.descriptor(), USER_DATA.descriptor(), USER_CODE64.descriptor(), b"\0" * 8]
     tss = _tss_descriptor(tss_base, 0x67, long_mode) if tss_base is not None else b"\0" * 8
     entries.append(tss if long_mode else tss + b"\0" * 8)
-    entries += [USER_CODE64.descriptor(), USER_DATA.descriptor(), USER_CODE32.descriptor()]
     gdt = b"".join(entries)
     mem.write(GDT_ADDR, gdt)
     return len(gdt) - 1
