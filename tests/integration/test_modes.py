@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from guests import MMIO_HOLE, RecordingPort
+from guests import MMIO_HOLE, RecordingPort, tiny_guest
 from kvmpy.exits import HltExit
 
 MODES = ["16", "32", "64"]
@@ -153,8 +153,6 @@ def test_cpuid_leaf_0_vendor_is_the_host_vendor(guest, kvm, mode):
 
 @pytest.mark.parametrize("mode", ["16", "64"])
 def test_guest_close_releases_every_file_descriptor(kvm, mode):
-    from guests import tiny_guest
-
     before = set(os.listdir("/proc/self/fd"))
     with tiny_guest(kvm, mode, "hlt") as g:
         g.run()
