@@ -1,0 +1,171 @@
+"""Wiring virtio-mmio devices into a VM: MMIO windows, ioeventfd, irqfd, command line.
+
+The one place in `kvmpy/devices/virtio/` that knows about KVM: the machine
+calls `attach_virtio` once, before the vCPUs start, and boots the kernel
+with the command-line words it returns (`virtio_mmio.device=4K@0x...:<gsi>`,
+parsed by Linux's CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; there is no device
+tree or ACPI to announce them).
+
+Each device gets its own 4 KiB window from `base` up and its own GSI from
+`first_gsi` up, skipping 8 (RTC) and 12 (PS/2 mouse) by PC convention.
+The guest programs these ISA-range IOAPIC pins edge-triggered (MP table
+defaults). Linux's virtio_mmio handler reads InterruptStatus and acks
+what it saw, so one pulse per interrupt is all it needs: that is what an
+irqfd write does (KVM raises and lowers the GSI), and the fallback
+path pulses the line with KVM_IRQ_LINE the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ...bus import Bus
+from ...memory import GuestMemory
+from .iothread import IoThread
+from .mmio import MMIO_WINDOW, MmioTransport, Register, VirtioDevice
+
+DEFAULT_BASE = 0xD000_0000
+DEFAULT_FIRST_GSI = 5
+_SKIP_GSIS = (8, 12)
+LAST_GSI = 15  # the ISA range; above it the MP table lists no IOAPIC entry
+
+
+class IrqfdInterrupt:
+    """An interrupt through KVM_IRQFD: one eventfd write per interrupt, no ioctl."""
+
+    def __init__(self, vm: Any, gsi: int) -> None:
+        self.vm, self.gsi = vm, gsi
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            vm.irqfd(self.fd, gsi)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __call__(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if getattr(self.vm, "fd", -1) >= 0:
+            self.vm.irqfd(self.fd, self.gsi, deassign=True)
+        os.close(self.fd)
+        self.fd = -1
+
+
+class IrqLineInterrupt:
+    """The fallback: KVM_IRQ_LINE_STATUS up then down, two ioctls per interrupt."""
+
+    def __init__(self, vm: Any, gsi: int) -> None:
+        self.vm, self.gsi = vm, gsi
+
+    def __call__(self) -> None:
+        self.vm.irq_line(self.gsi, 1)
+        self.vm.irq_line(self.gsi, 0)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class VirtioSlot:
+    """One attached device: where it lives and how it is wired."""
+
+    device: VirtioDevice
+    transport: MmioTransport
+    base: int
+    gsi: int
+    interrupt: IrqfdInterrupt | IrqLineInterrupt
+    notify_fds: list[int] = field(default_factory=list)
+
+    @property
+    def cmdline(self) -> str:
+        return f"virtio_mmio.device=4K@{self.base:#x}:{self.gsi}"
+
+
+@dataclass
+class VirtioDevices:
+    """What `attach_virtio` returns: the slots, their command-line words, and `close()`."""
+
+    vm: Any
+    bus: Bus
+    iothread: IoThread
+    slots: list[VirtioSlot]
+    ioeventfd: bool
+    irqfd: bool
+
+    @property
+    def cmdline(self) -> list[str]:
+        return [s.cmdline for s in self.slots]
+
+    def close(self) -> None:
+        """Unwire and close every device (call after the vCPUs stopped)."""
+        vm_open = getattr(self.vm, "fd", -1) >= 0
+        for s in self.slots:
+            for i, fd in enumerate(s.notify_fds):
+                self.iothread.remove(fd)
+                if vm_open:
+                    self.vm.ioeventfd(fd, s.base + Register.QUEUE_NOTIFY, 4, datamatch=i, deassign=True)
+                os.close(fd)
+            s.notify_fds.clear()
+            s.interrupt.close()
+            with s.transport.lock:
+                s.transport.reset()
+                s.device.close()
+            self.bus.unregister(s.transport)
+        self.slots.clear()
+
+    def __enter__(self) -> VirtioDevices:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def gsis(first: int = DEFAULT_FIRST_GSI) -> Iterable[int]:
+    """The GSIs devices get, in order: `first`..15 without 8 and 12."""
+    return (g for g in range(first, LAST_GSI + 1) if g not in _SKIP_GSIS)
+
+
+def attach_virtio(vm: Any, memory: GuestMemory, mmio_bus: Bus, devices: Iterable[VirtioDevice], *,
+                  iothread: IoThread, base: int = DEFAULT_BASE, first_gsi: int = DEFAULT_FIRST_GSI,
+                  ioeventfd: bool = True, irqfd: bool = True) -> VirtioDevices:
+    """Place each device in its own MMIO window with its own GSI and wire it to KVM.
+
+    `ioeventfd=False` / `irqfd=False` select the slow paths (QueueNotify as
+    an MMIO exit served on the vCPU thread; interrupts by KVM_IRQ_LINE), for
+    benchmarks and for hosts without those capabilities.
+    """
+    devices = list(devices)
+    free = list(gsis(first_gsi))
+    if len(devices) > len(free):
+        raise ValueError(f"{len(devices)} virtio devices but only {len(free)} GSIs from {first_gsi} to "
+                         f"{LAST_GSI}; lower first_gsi or attach fewer devices")
+    attached = VirtioDevices(vm, mmio_bus, iothread, [], ioeventfd, irqfd)
+    try:
+        for n, (device, gsi) in enumerate(zip(devices, free)):
+            where = base + n * MMIO_WINDOW
+            interrupt = IrqfdInterrupt(vm, gsi) if irqfd else IrqLineInterrupt(vm, gsi)
+            transport = MmioTransport(device, memory, interrupt)
+            slot = VirtioSlot(device, transport, where, gsi, interrupt)
+            attached.slots.append(slot)
+            mmio_bus.register(where, MMIO_WINDOW, transport, f"virtio-{device.name}")
+            if ioeventfd:
+                for i in range(len(transport.queues)):
+                    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                    slot.notify_fds.append(efd)
+                    vm.ioeventfd(efd, where + Register.QUEUE_NOTIFY, 4, datamatch=i)
+                    iothread.add_eventfd(efd, lambda t=transport, i=i: t.notify(i))
+            device.start_io(iothread)
+        iothread.start()
+    except BaseException:
+        attached.close()
+        raise
+    return attached
+
+
+__all__ = ["DEFAULT_BASE", "DEFAULT_FIRST_GSI", "IrqLineInterrupt", "IrqfdInterrupt", "VirtioDevices",
+           "VirtioSlot", "attach_virtio", "gsis"]
