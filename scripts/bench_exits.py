@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from perfdoc import DOC, update_section
+
 import kvmpy
 from kvmpy.stats.accounting import ExitAccounting
 from kvmpy.x86 import modes
@@ -43,7 +45,6 @@ ENTRY = 0x1000
 MEM_SIZE = 0x10000  # one 64 KiB slot at GPA 0; 0x10000 and up is unbacked (MMIO)
 PORT = 0x10
 MMIO_ADDR = 0x10000
-DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 HEADING = "## Exit round trips (scripts/bench_exits.py)"
 
 # The loop count comes in ECX (set through KVM_SET_REGS by both VMMs).
@@ -372,16 +373,7 @@ an order of magnitude and re-run on an idle machine for a firmer figure.
 
 
 def update_doc(results: dict) -> None:
-    section = doc_section(results)
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    if HEADING in text:
-        start = text.index(HEADING)
-        nxt = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    update_section(HEADING, doc_section(results))
 
 
 def main(argv: list[str] | None = None) -> int:

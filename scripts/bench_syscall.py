@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 
 import kvmpy
+from perfdoc import update_section
+
 from kvmpy.platform import Backend, detect_backend
 from kvmpy.x86 import modes
 from kvmpy.x86.asm import assemble
 from kvmpy.x86.syscall_trap import SyscallTrap
 
 ENTRY = 0x10000
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 HEADING = "## Guest system calls (scripts/bench_syscall.py)"
 
 SYSCALL_GUEST = """
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=2000, help="system calls / exits per run")
     p.add_argument("--repeat", type=int, default=5, help="alternating rounds")
-    p.add_argument("--update-docs", action="store_true", help=f"write the table into {DOCS}")
+    p.add_argument("--update-docs", action="store_true", help="write the table into docs/performance.md")
     args = p.parse_args(argv)
 
     trap = detect_backend() is Backend.PVM
@@ -172,14 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = detect_backend().value
         section = (f"{HEADING}\n\nMeasured {datetime.date.today()} on backend `{backend}`, "
                    f"{n} calls per run, {args.repeat} alternating rounds.\n\n{table}\n\n{ratios}\n")
-        text = DOCS.read_text() if DOCS.exists() else "# Performance\n"
-        if HEADING in text:
-            start = text.index(HEADING)
-            end = text.find("\n## ", start + len(HEADING))
-            text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = text.rstrip() + "\n\n" + section
-        DOCS.write_text(text)
+        update_section(HEADING, section)
     return 0
 
 
