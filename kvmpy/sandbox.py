@@ -1,0 +1,669 @@
+"""Sandboxed guest functions: freestanding code run in a fresh VM, no Linux.
+
+    import kvmpy.sandbox as sandbox
+    sandbox.run("long guest_main(long a, long b) { return a * b; }", args=(6, 7))   # 42
+
+A guest function is C (compiled with ``gcc -ffreestanding -nostdlib -fno-pic
+-static -O2`` and linked by ``sandbox_guest/link.ld``), assembly, or flat
+machine code. Each call gets a VM of its own: memory, one vCPU, nothing
+else, all closed in a ``finally`` whatever the guest did.
+
+The payload runs at guest CPL3 (user mode), where guest code runs natively
+on every backend, including this project's software one. The only CPL0 code
+is a one-instruction stub (``iretq``) that enters it, and the exception
+handlers, which just report the vector to the host. RFLAGS.IOPL is 3, so an
+``out`` from the payload exits to the host without a privilege switch.
+
+Guest-physical (= virtual, identity-mapped with 2 MiB pages) layout:
+
+    0x000000-0x1fffff  supervisor only: GDT 0x500, IDT 0x1000, TSS 0x2000,
+                       stubs 0x3000, page tables 0x9000, kernel stack to 0x80000
+    0x200000           the ABI block (kvmpy_guest.h), return trampoline at +0x800
+    0x201000           the image (.text .rodata .data .bss), then the heap
+                       (byte arguments first), then the stack down from the top
+    memory limit       nothing mapped: any access is a page fault
+
+Host-call ABI (port I/O): the guest writes arguments to the ABI block and
+does ``outb nr, 0xE0``. Numbers: 0 return (result in ``ret``), 1 write
+bytes to the host, 2 abort, 16+ the caller's ``hostcalls``. A fault inside
+the guest enters a CPL0 handler that does ``out`` to port 0xC0 + vector; the
+host reads the exception frame and raises `GuestFault` (vector, RIP, CR2,
+error code). A time budget is a `threading.Timer` that kicks the vCPU
+(`VcpuLoop.stop`); it raises `BudgetExceeded`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .bus import mmio_bus, pio_bus
+from .errors import KvmError
+from .exits import Exit, IntrExit, ShutdownExit
+from .kvm import Kvm
+from .memory import GuestMemory, parse_size
+from .runloop import VcpuLoop
+from .x86 import modes
+from .x86.asm import assemble
+
+RUNTIME_DIR = Path(__file__).resolve().parent / "sandbox_guest"
+
+# -- layout (must match sandbox_guest/kvmpy_guest.h and link.ld) ---------------
+SUPERVISOR_END = 0x200000
+ABI_ADDR = 0x200000
+TRAMPOLINE_ADDR = ABI_ADDR + 0x800
+IMAGE_BASE = 0x201000
+STUB_ADDR = 0x3000  # fault handlers: 16 bytes per vector
+ENTER_STUB_ADDR = STUB_ADDR + 32 * 16  # `iretq` into the payload
+KSTACK_TOP = 0x80000
+HOSTCALL_PORT = 0xE0
+FAULT_PORT_BASE = 0xC0  # + vector, 0..31
+ABI_MAGIC = int.from_bytes(b"KVMPYABI", "little")
+
+HC_RETURN, HC_WRITE, HC_ABORT, HC_USER = 0, 1, 2, 16
+
+DEFAULT_MEMORY = 16 << 20
+MIN_MEMORY = 4 << 20
+MAX_MEMORY = 3 << 30  # below the 32-bit MMIO hole: one RAM region
+DEFAULT_STACK = 256 << 10
+MAX_OUTPUT = 1 << 20
+
+_ABI = struct.Struct("<Q6QqQQ")  # magic, args[6], ret, heap_start, heap_end
+_ABI_ARGS, _ABI_RET, _ABI_HEAP_START = ABI_ADDR + 8, ABI_ADDR + 56, ABI_ADDR + 64
+
+RFLAGS_IOPL3 = 3 << 12
+GP_VECTOR = 13
+_OUT_HOSTCALL = bytes([0xE6, HOSTCALL_PORT])  # out %al, $0xE0
+_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+EXCEPTION_NAMES = {
+    0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint", 4: "#OF overflow",
+    5: "#BR bound range", 6: "#UD invalid opcode", 7: "#NM device not available", 8: "#DF double fault",
+    10: "#TS invalid TSS", 11: "#NP segment not present", 12: "#SS stack fault",
+    13: "#GP general protection", 14: "#PF page fault", 16: "#MF x87 error", 17: "#AC alignment check",
+    18: "#MC machine check", 19: "#XM SIMD floating point", 20: "#VE virtualization", 21: "#CP control protection",
+}
+
+CFLAGS = ("-ffreestanding", "-nostdlib", "-fno-pic", "-static", "-O2", "-fno-stack-protector",
+          "-fno-asynchronous-unwind-tables", "-fcf-protection=none", "-mno-red-zone", "-fno-builtin")
+
+
+# -- errors ----------------------------------------------------------------------
+
+class SandboxError(KvmError):
+    """A guest function could not be built or did not return normally."""
+
+
+class CompileError(SandboxError):
+    """gcc (or as/ld) rejected the guest source; the message has its diagnostics."""
+
+
+class GuestFault(SandboxError):
+    """The guest took a CPU exception: `vector`, `rip`, `cr2` (for #PF) and `error_code`."""
+
+    def __init__(self, vector: int, rip: int, cr2: int, error_code: int | None, cpl: int,
+                 message: str | None = None) -> None:
+        self.vector, self.rip, self.cr2, self.error_code, self.cpl = vector, rip, cr2, error_code, cpl
+        name = EXCEPTION_NAMES.get(vector, f"vector {vector}")
+        text = f"guest fault {name} (vector {vector}) at rip {rip:#x}, cr2 {cr2:#x}"
+        if error_code is not None:
+            text += f", error code {error_code:#x}"
+        text += f", cpl {cpl}"
+        super().__init__(text + (f": {message}" if message else ""))
+
+
+class MemoryLimitExceeded(GuestFault):
+    """A page fault on an address outside the guest's memory (or its supervisor area)."""
+
+
+class BudgetExceeded(SandboxError):
+    """The guest ran past its time or host-call budget and was stopped."""
+
+    def __init__(self, message: str, *, rip: int | None = None, elapsed: float = 0.0) -> None:
+        self.rip, self.elapsed = rip, elapsed
+        super().__init__(message + (f" (stopped at rip {rip:#x})" if rip is not None else ""))
+
+
+class GuestAbort(SandboxError):
+    """The guest called kvmpy_abort(code, message)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code, self.message = code, message
+        super().__init__(f"guest aborted with code {code}: {message}")
+
+
+# -- building images ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Segment:
+    vaddr: int
+    data: bytes
+    memsz: int
+
+
+@dataclass(frozen=True)
+class Image:
+    """A loadable guest function: segments at their addresses and the entry point."""
+
+    segments: tuple[Segment, ...]
+    entry: int
+
+    @property
+    def end(self) -> int:
+        return max((s.vaddr + s.memsz for s in self.segments), default=IMAGE_BASE)
+
+    @classmethod
+    def flat(cls, code: bytes, entry_offset: int = 0) -> Image:
+        return cls((Segment(IMAGE_BASE, bytes(code), len(code)),), IMAGE_BASE + entry_offset)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KVMPY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvmpy")
+    return Path(root) / "sandbox"
+
+
+def _elf_image(elf: bytes, what: str) -> Image:
+    """PT_LOAD segments and e_entry of a static ELF64 (System V gABI, "Program Header")."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        raise CompileError(f"{what}: not an ELF64 file")
+    entry, phoff = struct.unpack_from("<QQ", elf, 24)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 54)
+    segments = []
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, _, p_filesz, p_memsz, _ = struct.unpack_from(
+            "<IIQQQQQQ", elf, phoff + i * phentsize)
+        if p_type == 1 and p_memsz:
+            segments.append(Segment(p_vaddr, elf[p_offset:p_offset + p_filesz], p_memsz))
+    for s in segments:
+        if s.vaddr < IMAGE_BASE:
+            raise CompileError(f"{what}: segment at {s.vaddr:#x} is below the image base {IMAGE_BASE:#x}")
+    if not any(s.vaddr <= entry < s.vaddr + s.memsz for s in segments):
+        raise CompileError(f"{what}: entry {entry:#x} is in no loaded segment")
+    return Image(tuple(segments), entry)
+
+
+def compile_c(source: str, *, entry: str = "guest_main", extra_flags: Sequence[str] = ()) -> Image:
+    """Compile freestanding C into an `Image` (cached by content under ~/.cache/kvmpy/sandbox)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise CompileError("gcc not found: install it (apt-get install gcc)")
+    runtime = [RUNTIME_DIR / "runtime.c", RUNTIME_DIR / "kvmpy_guest.h", RUNTIME_DIR / "link.ld"]
+    h = hashlib.sha256()
+    for part in (source, entry, " ".join(CFLAGS), " ".join(extra_flags), *(p.read_text() for p in runtime)):
+        h.update(part.encode() + b"\0")
+    cached = _cache_dir() / f"{h.hexdigest()[:24]}.elf"
+    if not cached.exists():
+        with tempfile.TemporaryDirectory(prefix="kvmpy-sandbox-") as tmp:
+            src, out = Path(tmp) / "guest.c", Path(tmp) / "guest.elf"
+            src.write_text(source)
+            cmd = [gcc, *CFLAGS, *extra_flags, "-I", str(RUNTIME_DIR), "-T", str(RUNTIME_DIR / "link.ld"),
+                   f"-Wl,-e,{entry}", "-Wl,--build-id=none", "-Wl,-z,max-page-size=4096",
+                   "-Wl,-z,noexecstack", "-Wl,--no-warn-rwx-segments",
+                   "-o", str(out), str(src), str(RUNTIME_DIR / "runtime.c")]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                numbered = "\n".join(f"{i + 1:4} {line}" for i, line in enumerate(source.splitlines()))
+                raise CompileError(f"gcc failed:\n{p.stderr.strip()}\n--- source ---\n{numbered}")
+            nm = subprocess.run(["nm", "--defined-only", str(out)], capture_output=True, text=True)
+            if f" {entry}\n" not in nm.stdout:
+                raise CompileError(f"the guest source defines no function {entry!r} (the entry point)")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmpfile = cached.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copyfile(out, tmpfile)
+            tmpfile.replace(cached)
+    return _elf_image(cached.read_bytes(), f"guest C source (entry {entry})")
+
+
+def assemble_image(source: str) -> Image:
+    """Assembly (GNU as, AT&T syntax) whose first instruction is the entry point."""
+    try:
+        return Image.flat(assemble(source, "64", IMAGE_BASE))
+    except KvmError as e:
+        raise CompileError(str(e)) from e
+
+
+def build_image(code: str | bytes | Image, lang: str | None = None, *, entry: str = "guest_main") -> Image:
+    """C source (a str, the default), assembly (lang="asm") or flat machine code (bytes)."""
+    if isinstance(code, Image):
+        return code
+    if isinstance(code, (bytes, bytearray, memoryview)):
+        if lang not in (None, "bin"):
+            raise ValueError(f"bytes are machine code; lang={lang!r} makes no sense for them")
+        return Image.flat(bytes(code))
+    if lang in (None, "c"):
+        return compile_c(code, entry=entry)
+    if lang == "asm":
+        return assemble_image(code)
+    raise ValueError(f"lang must be 'c', 'asm' or None (C), not {lang!r}")
+
+
+# -- the low-memory image (tables and stubs), built once per memory size ----------
+
+def _stub_code() -> bytes:
+    lines = []
+    for v in range(32):
+        # out %al, $imm8 is two bytes; pad every handler to 16 bytes. The #GP
+        # handler can resume: the host answers an `out` the CPU refused at
+        # CPL3 (a backend without IOPL at CPL3), moves the frame's RIP past
+        # it, and the handler returns to the payload.
+        tail = "add $8, %rsp\n iretq" if v == GP_VECTOR else "hlt\n jmp ."
+        lines.append(f".org {v * 16}\n out %al, ${FAULT_PORT_BASE + v}\n {tail}")
+    lines.append(f".org {32 * 16}\n iretq")
+    return assemble("\n".join(lines), "64", STUB_ADDR)
+
+
+_TRAMPOLINE = f"""
+    mov %rax, {_ABI_RET:#x}
+    xor %eax, %eax               # HC_RETURN
+    out %al, ${HOSTCALL_PORT:#x}
+    jmp .
+"""
+
+_low_images: dict[int, bytes] = {}
+_low_lock = threading.Lock()
+
+
+def _low_image(memory: int) -> bytes:
+    """Bytes [0, 0x10000) for a sandbox of `memory` bytes: GDT, IDT, TSS, stubs, page tables."""
+    with _low_lock:
+        cached = _low_images.get(memory)
+        if cached is not None:
+            return cached
+        with GuestMemory(0x10000) as scratch:
+            modes.write_tss(scratch, rsp0=KSTACK_TOP)
+            modes.write_gdt(scratch, tss_base=modes.TSS_ADDR, long_mode=True)
+            modes.write_idt(scratch, {v: STUB_ADDR + v * 16 for v in range(32)}, long_mode=True)
+            scratch.write(STUB_ADDR, _stub_code())
+            # Page tables: 2 MiB pages over [0, memory) only; the first one
+            # supervisor-only, the rest user. Nothing else is mapped.
+            p, rw, us, ps = modes.PTE_P, modes.PTE_RW, modes.PTE_US, modes.PTE_PS
+            scratch.write_u64(modes.PML4_ADDR, modes.PDPT_ADDR | p | rw | us)
+            pages = memory >> 21
+            for g in range((pages + 511) // 512):
+                scratch.write_u64(modes.PDPT_ADDR + g * 8, (modes.PD_ADDR + g * 4096) | p | rw | us)
+            entries = b"".join(struct.pack("<Q", (i << 21) | p | rw | ps | (us if i else 0))
+                               for i in range(pages))
+            for g in range(0, len(entries), 4096):
+                scratch.write(modes.PD_ADDR + g, entries[g:g + 4096])
+            image = scratch.read(0, 0x10000)
+        _low_images[memory] = image
+        return image
+
+
+_trampoline_code: bytes | None = None
+
+
+def _trampoline() -> bytes:
+    global _trampoline_code
+    if _trampoline_code is None:
+        _trampoline_code = assemble(_TRAMPOLINE, "64", TRAMPOLINE_ADDR)
+    return _trampoline_code
+
+
+_shared: dict[str, Any] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_kvm() -> Kvm:
+    """One /dev/kvm handle for all sandboxes of this process (opened on first use)."""
+    with _shared_lock:
+        kvm = _shared.get("kvm")
+        if kvm is None:
+            kvm = _shared["kvm"] = Kvm()
+            _shared["cpuid"] = kvm.get_supported_cpuid()
+        return kvm
+
+
+def _supported_cpuid(kvm: Kvm) -> list:
+    if kvm is _shared.get("kvm"):
+        return _shared["cpuid"]
+    return kvm.get_supported_cpuid()
+
+
+# -- running ------------------------------------------------------------------------
+
+Arg = int | bytes | bytearray | memoryview | str
+
+
+@dataclass
+class GuestContext:
+    """What a host-call handler sees: bounds-checked access to the guest's user memory."""
+
+    memory: GuestMemory
+    limit: int
+    output: bytearray = field(default_factory=bytearray)
+
+    def read(self, addr: int, size: int) -> bytes:
+        self._check(addr, size)
+        return self.memory.read(addr, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._check(addr, len(data))
+        self.memory.write(addr, data)
+
+    def _check(self, addr: int, size: int) -> None:
+        if size < 0 or addr < ABI_ADDR or addr + size > self.limit:
+            raise SandboxError(f"guest buffer [{addr:#x}, {addr + size:#x}) is outside its memory "
+                               f"[{ABI_ADDR:#x}, {self.limit:#x})")
+
+
+HostCall = Callable[..., int]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A guest function's result: `value` (its signed 64-bit return value) and what it wrote."""
+
+    value: int
+    output: bytes
+    elapsed: float  # seconds from VM creation to teardown
+    hostcalls: int
+
+
+class _Hostcalls:
+    """The PIO device on the host-call and fault ports of one run."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.run.on_port(FAULT_PORT_BASE + offset, value & 0xFF)
+
+
+class _Run:
+    """One call of a guest function: VM, memory, vCPU and loop, always torn down."""
+
+    def __init__(self, fn: GuestFunction, args: Sequence[Arg], timeout: float | None,
+                 hostcalls: Mapping[int, HostCall], max_hostcalls: int | None) -> None:
+        self.fn = fn
+        self.args = args
+        self.timeout = timeout
+        self.hostcalls = hostcalls
+        self.max_hostcalls = max_hostcalls
+        self.calls = 0
+        self.returned: int | None = None
+        self.error: BaseException | None = None
+        self.budget_hit = False
+        self.loop: VcpuLoop | None = None
+
+    def execute(self) -> RunResult:
+        fn = self.fn
+        kvm = fn.kvm or shared_kvm()
+        t0 = time.perf_counter()
+        vm = kvm.create_vm()
+        mem: GuestMemory | None = None
+        timer: threading.Timer | None = None
+        try:
+            mem = GuestMemory(fn.memory)
+            self.mem = mem
+            self.ctx = GuestContext(mem, fn.memory)
+            regs_args = self._load(mem)
+            vm.add_memory(mem)
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid2(_supported_cpuid(kvm))
+            self._setup_cpu(vcpu, regs_args)
+            pio = pio_bus()
+            pio.register(FAULT_PORT_BASE, HOSTCALL_PORT - FAULT_PORT_BASE + 1, _Hostcalls(self), "sandbox")
+            self.loop = loop = VcpuLoop(vcpu, pio, mmio_bus())
+            if self.timeout is not None:
+                timer = threading.Timer(self.timeout, self._expire)
+                timer.daemon = True
+                timer.start()
+            exit = loop.run()
+            if timer is not None:
+                timer.cancel()
+            return self._outcome(vcpu, exit, time.perf_counter() - t0)
+        finally:
+            if timer is not None:
+                timer.cancel()
+                if timer.is_alive():
+                    timer.join()
+            vm.close()
+            if mem is not None:
+                mem.close()
+
+    def _expire(self) -> None:
+        self.budget_hit = True
+        assert self.loop is not None
+        self.loop.stop()
+
+    # -- setup ----------------------------------------------------------------------
+
+    def _load(self, mem: GuestMemory) -> list[int]:
+        fn = self.fn
+        mem.write(0, _low_image(fn.memory))
+        mem.write(TRAMPOLINE_ADDR, _trampoline())
+        for s in fn.image.segments:
+            mem.write(s.vaddr, s.data)
+        stack_top = fn.memory
+        heap_end = stack_top - fn.stack_size
+        heap = (fn.image.end + 15) & ~15
+        values = []
+        for i, a in enumerate(self.args):
+            if isinstance(a, int):
+                values.append(a & (2**64 - 1))
+                continue
+            data = a.encode() + b"\0" if isinstance(a, str) else bytes(a)
+            if heap + len(data) > heap_end:
+                raise SandboxError(f"argument {i} ({len(data)} bytes) does not fit in the guest's "
+                                   f"memory limit of {fn.memory >> 20} MiB")
+            mem.write(heap, data)
+            values.append(heap)
+            heap = (heap + len(data) + 15) & ~15
+        mem.write(ABI_ADDR, _ABI.pack(ABI_MAGIC, 0, 0, 0, 0, 0, 0, 0, heap, heap_end))
+        # The function returns to the trampoline, which reports rax.
+        mem.write_u64(stack_top - 8, TRAMPOLINE_ADDR)
+        self.user_rsp = stack_top - 8
+        return values
+
+    def _setup_cpu(self, vcpu: Any, values: list[int]) -> None:
+        s = vcpu.get_sregs()
+        s.gdt.base, s.gdt.limit = modes.GDT_ADDR, 9 * 8 + 8 - 1
+        s.idt.base, s.idt.limit = modes.IDT_ADDR, 256 * 16 - 1
+        modes.CODE64.load(s.cs)
+        for seg in (s.ds, s.es, s.fs, s.gs, s.ss):
+            modes.DATA.load(seg)
+        tr = s.tr
+        tr.base, tr.limit, tr.selector = modes.TSS_ADDR, 0x67, modes.TSS_SEL
+        tr.type, tr.present, tr.s, tr.dpl, tr.db, tr.l, tr.g, tr.unusable = 0xB, 1, 0, 0, 0, 0, 0, 0
+        s.cr3 = modes.PML4_ADDR
+        s.cr4 = modes.CR4_PAE | modes.CR4_OSFXSR | modes.CR4_OSXMMEXCPT
+        s.cr0 = modes.CR0_PE | modes.CR0_MP | modes.CR0_ET | modes.CR0_NE | modes.CR0_WP | modes.CR0_PG
+        s.efer = modes.EFER_LME | modes.EFER_LMA
+        vcpu.set_sregs(s)
+        r = vcpu.get_regs()
+        for name, v in zip(("rdi", "rsi", "rdx", "rcx", "r8", "r9"), values):
+            setattr(r, name, v)
+        rflags = modes.RFLAGS_RESERVED | RFLAGS_IOPL3
+        if self.fn.user_mode:
+            # iretq frame on the kernel stack: RIP, CS, RFLAGS, RSP, SS.
+            frame = KSTACK_TOP - 40
+            self.mem.write(frame, struct.pack("<5Q", self.fn.image.entry, modes.USER_CODE64_SEL, rflags,
+                                              self.user_rsp, modes.USER_DATA_SEL))
+            r.rip, r.rsp, r.rflags = ENTER_STUB_ADDR, frame, modes.RFLAGS_RESERVED
+        else:
+            r.rip, r.rsp, r.rflags = self.fn.image.entry, self.user_rsp, rflags
+        vcpu.set_regs(r)
+
+    # -- exits ------------------------------------------------------------------------
+
+    def on_port(self, port: int, value: int) -> None:
+        assert self.loop is not None
+        if self.returned is not None or self.error is not None:
+            return
+        if port != HOSTCALL_PORT:
+            vector = port - FAULT_PORT_BASE
+            if vector == GP_VECTOR and self._hostcall_via_gp():
+                return
+            self.error = self._fault(vector)
+            self.loop.stop()
+            return
+        self._on_hostcall(value)
+
+    def _hostcall_via_gp(self) -> bool:
+        """A #GP on the payload's `out` to the host-call port: answer it as the host call.
+
+        Where the backend does not honour RFLAGS.IOPL at CPL3 (PVM forces
+        IOPL 0 in guest user mode: `pushf` there reads 0x202 whatever iretq
+        loaded), the `out` faults instead of exiting; the CPL0 #GP handler
+        reports it and resumes after it.
+        """
+        assert self.loop is not None
+        regs = self.loop.vcpu.get_regs()
+        frame = regs.rsp + 8  # past the error code
+        rip, cs = struct.unpack("<QQ", self.mem.read(frame, 16))
+        if cs & 3 != 3 or not ABI_ADDR <= rip < self.fn.memory - 2 or self.mem.read(rip, 2) != _OUT_HOSTCALL:
+            return False
+        self.mem.write_u64(frame, rip + 2)
+        self._on_hostcall(regs.rax & 0xFF)
+        return True
+
+    def _on_hostcall(self, value: int) -> None:
+        assert self.loop is not None
+        mem = self.mem
+        if value == HC_RETURN:
+            self.returned = struct.unpack("<q", mem.read(_ABI_RET, 8))[0]
+            self.loop.stop()
+            return
+        self.calls += 1
+        if self.max_hostcalls is not None and self.calls > self.max_hostcalls:
+            self.error = BudgetExceeded(f"guest function made more than {self.max_hostcalls} host calls")
+            self.loop.stop()
+            return
+        args = struct.unpack("<6Q", mem.read(_ABI_ARGS, 48))
+        try:
+            ret = self._hostcall(value, args)
+        except Exception as e:  # a host handler failing ends the run with its exception
+            self.error = e
+            self.loop.stop()
+            return
+        mem.write(_ABI_RET, struct.pack("<q", _signed(ret)))
+
+    def _hostcall(self, nr: int, args: tuple[int, ...]) -> int:
+        ctx = self.ctx
+        if nr == HC_WRITE:
+            data = ctx.read(args[0], args[1])
+            if len(ctx.output) + len(data) > MAX_OUTPUT:
+                raise SandboxError(f"guest output exceeds {MAX_OUTPUT} bytes")
+            ctx.output += data
+            return len(data)
+        if nr == HC_ABORT:
+            msg = ctx.read(args[1], min(args[2], 4096)).decode(errors="replace")
+            raise GuestAbort(_signed(args[0]), msg)
+        handler = self.hostcalls.get(nr)
+        if handler is None:
+            raise SandboxError(f"guest made host call {nr}, which has no handler "
+                               f"(known: {sorted(self.hostcalls) or 'none'})")
+        return int(handler(ctx, *args))
+
+    def _fault(self, vector: int) -> GuestFault:
+        assert self.loop is not None
+        vcpu = self.loop.vcpu
+        rsp = vcpu.get_regs().rsp
+        cr2 = vcpu.get_sregs().cr2
+        error_code = None
+        if vector in _ERROR_CODE_VECTORS:
+            error_code = self.mem.read_u64(rsp)
+            rsp += 8
+        rip, cs = struct.unpack("<QQ", self.mem.read(rsp, 16))
+        cpl = cs & 3
+        if vector == 14 and cr2 >= self.fn.memory:
+            return MemoryLimitExceeded(vector, rip, cr2, error_code, cpl,
+                                       f"address {cr2:#x} is beyond the memory limit of {self.fn.memory >> 20} MiB")
+        if vector == 14 and cr2 < ABI_ADDR:
+            return GuestFault(vector, rip, cr2, error_code, cpl,
+                              f"address {cr2:#x} is in the supervisor-only first 2 MiB (a null pointer?)")
+        return GuestFault(vector, rip, cr2, error_code, cpl)
+
+    def _outcome(self, vcpu: Any, exit: Exit, elapsed: float) -> RunResult:
+        if self.returned is not None:
+            return RunResult(self.returned, bytes(self.ctx.output), elapsed, self.calls)
+        if self.error is not None:
+            raise self.error
+        if isinstance(exit, IntrExit) and self.budget_hit:
+            rip = vcpu.get_regs().rip
+            raise BudgetExceeded(f"guest function ran past its time budget of {self.timeout} s",
+                                 rip=rip, elapsed=elapsed)
+        if isinstance(exit, ShutdownExit):
+            raise SandboxError(f"guest triple-faulted (rip {vcpu.get_regs().rip:#x})")
+        raise SandboxError(f"guest stopped with an unexpected exit {exit.name} "
+                           f"(rip {vcpu.get_regs().rip:#x})")
+
+
+def _signed(v: int) -> int:
+    v &= 2**64 - 1
+    return v - 2**64 if v >> 63 else v
+
+
+class GuestFunction:
+    """A guest function compiled once and run many times, each call in a fresh VM.
+
+    `code`: C source (str), assembly (str with lang="asm"), machine code
+    (bytes) or an `Image`. `memory` is the whole guest's size and its limit
+    (a multiple of 2 MiB, at least 4 MiB); `timeout` the default time budget
+    per call in seconds (None: unlimited); `user_mode=False` runs the payload
+    at CPL0 (emulated, ~1000x slower on the PVM backend: for tests).
+    """
+
+    def __init__(self, code: str | bytes | Image, *, lang: str | None = None, entry: str = "guest_main",
+                 memory: int | str = DEFAULT_MEMORY, timeout: float | None = 1.0,
+                 stack_size: int = DEFAULT_STACK, hostcalls: Mapping[int, HostCall] | None = None,
+                 max_hostcalls: int | None = None, user_mode: bool = True, kvm: Kvm | None = None) -> None:
+        self.memory = parse_size(memory)
+        if self.memory % (2 << 20) or not MIN_MEMORY <= self.memory <= MAX_MEMORY:
+            raise ValueError(f"sandbox memory {memory!r}: must be a multiple of 2 MiB between "
+                             f"{MIN_MEMORY >> 20} MiB and {MAX_MEMORY >> 20} MiB")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout {timeout!r}: must be positive seconds or None")
+        for nr in hostcalls or {}:
+            if not HC_USER <= nr <= 255:
+                raise ValueError(f"host call number {nr}: the caller's numbers are {HC_USER}..255")
+        self.image = build_image(code, lang, entry=entry)
+        self.stack_size = stack_size
+        if self.image.end + 4096 > self.memory - stack_size:
+            raise SandboxError(f"image ends at {self.image.end:#x}: no room for heap and a "
+                               f"{stack_size >> 10} KiB stack in {self.memory >> 20} MiB")
+        self.timeout = timeout
+        self.hostcalls = dict(hostcalls or {})
+        self.max_hostcalls = max_hostcalls
+        self.user_mode = user_mode
+        self.kvm = kvm
+
+    def run(self, *args: Arg, timeout: float | None | str = "default",
+            hostcalls: Mapping[int, HostCall] | None = None) -> RunResult:
+        """Call the function with up to six arguments (ints, or bytes/str copied into guest memory
+        and passed as pointers) and return its `RunResult`."""
+        if len(args) > 6:
+            raise ValueError(f"a guest function takes at most 6 arguments, got {len(args)}")
+        budget = self.timeout if timeout == "default" else timeout
+        calls = {**self.hostcalls, **(hostcalls or {})}
+        return _Run(self, args, budget, calls, self.max_hostcalls).execute()  # type: ignore[arg-type]
+
+    def __call__(self, *args: Arg) -> int:
+        return self.run(*args).value
+
+
+def run(code: str | bytes | Image, args: Sequence[Arg] = (), *, lang: str | None = None,
+        memory: int | str = DEFAULT_MEMORY, timeout: float | None = 1.0,
+        hostcalls: Mapping[int, HostCall] | None = None, entry: str = "guest_main",
+        user_mode: bool = True) -> int:
+    """Build `code`, run it once in a fresh VM with `args`, return its result."""
+    fn = GuestFunction(code, lang=lang, entry=entry, memory=memory, timeout=timeout,
+                       hostcalls=hostcalls, user_mode=user_mode)
+    return fn.run(*args).value
+
+
+__all__ = ["BudgetExceeded", "CompileError", "GuestAbort", "GuestContext", "GuestFault", "GuestFunction",
+           "Image", "MemoryLimitExceeded", "RunResult", "SandboxError", "build_image", "compile_c", "run"]
