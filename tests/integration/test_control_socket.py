@@ -1,0 +1,120 @@
+"""The control socket: a VM process serves its statistics to other processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmpy.errors import KvmError
+from kvmpy.stats.api import MachineStats
+from kvmpy.stats.control import ControlClient, ControlServer, list_sockets, query
+
+OUTS = 50
+
+CLIENT = """
+import json, sys
+from kvmpy.stats.control import list_sockets, query
+(info,) = list_sockets(sys.argv[1])
+snap = query(info.path)
+print(json.dumps({"pid": info.pid, "name": info.name, "snap": snap}))
+"""
+
+
+class FixedSource:
+    def __init__(self, data):
+        self.data = data
+        self.calls = 0
+
+    def stats_snapshot(self):
+        self.calls += 1
+        return dict(self.data, calls=self.calls)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture
+def outs_guest(guest):
+    g = guest("64", f"mov ${OUTS}, %ecx\n1: out %al, $0x10\ndec %ecx\njnz 1b\nhlt")
+    g.make_loop()
+    return g
+
+
+def test_a_second_process_reads_a_running_vms_counters(outs_guest, tmp_path):
+    outs_guest.run()
+    stats = MachineStats(outs_guest)
+    with ControlServer(stats, name="tiny", directory=tmp_path) as server:
+        assert server.path == tmp_path / f"{os.getpid()}-tiny.sock"
+        out = subprocess.run([sys.executable, "-c", CLIENT, str(tmp_path)], capture_output=True, text=True,
+                             timeout=60, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+    stats.close()
+    assert got["pid"] == os.getpid() and got["name"] == "tiny"
+    (vcpu,) = got["snap"]["vcpus"]
+    assert vcpu["reasons"]["IO"]["count"] == OUTS
+    assert vcpu["io"] == [{"port": 0x10, "direction": "out", "count": OUTS, "device": "recording port"}]
+    assert vcpu["kvm"]["exits"] >= OUTS + 1
+
+
+def test_one_connection_serves_many_requests(tmp_path):
+    with ControlServer(FixedSource({"x": 1}), name="vm", directory=tmp_path) as server:
+        with ControlClient(server.path) as c:
+            assert [c.request()["calls"] for _ in range(3)] == [1, 2, 3]
+            assert c.request("ping")["name"] == "vm"
+        assert server.requests == 4
+
+
+def test_unknown_command_is_an_error_reply(tmp_path):
+    with ControlServer(FixedSource({}), directory=tmp_path) as server:
+        with pytest.raises(KvmError, match="unknown command 'reboot'"):
+            query(server.path, "reboot")
+
+
+def test_a_failing_snapshot_is_reported_and_the_server_lives_on(tmp_path):
+    class Broken:
+        def stats_snapshot(self):
+            raise RuntimeError("vcpu gone")
+
+    with ControlServer(Broken(), directory=tmp_path) as server:
+        with pytest.raises(KvmError, match="snapshot failed: RuntimeError: vcpu gone"):
+            query(server.path)
+        assert query(server.path, "ping")["pid"] == os.getpid()
+
+
+def test_sockets_of_dead_processes_are_removed(tmp_path):
+    stale = tmp_path / f"{dead_pid()}-old.sock"
+    stale.touch()
+    unrelated = tmp_path / "notes.txt"
+    unrelated.touch()
+    with ControlServer(FixedSource({}), name="new", directory=tmp_path):
+        assert not stale.exists()
+        stale.touch()
+        assert [s.name for s in list_sockets(tmp_path)] == ["new"]
+        assert not stale.exists()
+    assert unrelated.exists()
+
+
+def test_close_removes_the_socket_and_refuses_clients(tmp_path):
+    server = ControlServer(FixedSource({}), name="gone", directory=tmp_path)
+    path = server.path
+    assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
+    server.close()
+    assert not path.exists()
+    assert list_sockets(tmp_path) == []
+    with pytest.raises(KvmError, match="cannot connect"):
+        query(path)
+
+
+def test_names_are_made_safe_for_a_path(tmp_path):
+    with ControlServer(FixedSource({}), name="my vm/../x", directory=tmp_path) as server:
+        assert server.path.parent == tmp_path
+        assert server.path.name == f"{os.getpid()}-my_vm_.._x.sock"
