@@ -24,8 +24,8 @@ from ..errors import BootError
 from ..memory import GuestMemory
 from . import layout
 from .layout import E820Entry, align_up, e820_map, in_usable_ram
-from .linux import (ELF_MAGIC, ELFCLASS32, ELFCLASS64, EM_386, EM_X86_64, BootEntry,
-                    load_elf_segments, parse_elf)
+from .elf import ELF_MAGIC, ELFCLASS32, ELFCLASS64, EM_386, EM_X86_64, load_elf_segments, parse_elf
+from .entry import BootEntry
 
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002  # in EAX at entry
