@@ -140,3 +140,39 @@ def test_stats_fds_do_not_leak(scripted):
         with measure(scripted):
             pass
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+PROFILED = """
+    mov $10, %ecx
+a:  out %al, $0x10
+    dec %ecx
+    jnz a
+    mov $5, %ecx
+b:  out %al, $0x11
+    dec %ecx
+    jnz b
+    hlt
+"""
+
+
+@pytest.mark.parametrize("synced", [False, True], ids=["get_regs", "sync_regs"])
+def test_profile_finds_the_exit_sites(guest, synced):
+    from kvmpy._kvm import lib
+    from kvmpy.stats.profile import Symbol, SymbolTable, attach
+
+    g = guest("64", PROFILED)
+    loop = g.make_loop()
+    if synced:
+        g.vcpu.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
+    symbols = SymbolTable([Symbol("loop_a", g.entry, 0xC), Symbol("loop_b", g.entry + 0xC, 0x20)])
+    profile = attach(loop, every=1, symbols=symbols)
+    assert loop.run().reason == ExitReason.HLT
+    assert profile.source == ("sync_regs" if synced else "get_regs")
+    funcs = {f["function"]: f for f in profile.top_functions()}
+    assert funcs["loop_a"]["count"] == 10 and funcs["loop_a"]["reasons"] == {"IO": 10}
+    assert funcs["loop_b"]["count"] == 6 and funcs["loop_b"]["reasons"] == {"IO": 5, "HLT": 1}
+    # The accounting kept counting as before, and the snapshot carries the profile.
+    assert loop.accounting.exits[ExitReason.IO] == 15
+    (vcpu,) = vm_stats(loop)["vcpus"]
+    assert vcpu["profile"]["samples"] == 16
+    assert sum(s["vmm_ns"] for s in vcpu["profile"]["sites"]) > 0
