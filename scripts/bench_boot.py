@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     qemu = shutil.which("qemu-system-x86_64")
     if qemu and not args.no_qemu:
-        qemu_cmd = [qemu, "-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "256M", "-smp", str(args.cpus),
+        # Default CPU model: "-cpu host" fails here setting MSR 0x10a (ARCH_CAPABILITIES).
+        qemu_cmd = [qemu, "-M", "microvm", "-enable-kvm", "-m", "256M", "-smp", str(args.cpus),
                     "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
                     "-kernel", str(kernel.vmlinux), "-initrd", str(initrd), "-append", cmdline]
         seen, ended, log = timeline(qemu_cmd, args.timeout, poweroff=True)
