@@ -10,8 +10,9 @@ any object with `.vm` and `.loop` (the tests' tiny guests).
     m.result.exits["IO"], m.result.kvm["io_exits"], m.result.seconds
 
 `MachineStats(machine)` keeps the KVM stats fds open between snapshots and
-is what `ControlServer` serves; `stats_snapshot(machine)` is the one-shot
-builder.
+is what `ControlServer` serves (create it before the vCPUs run);
+`stats_snapshot(machine)` is the one-shot builder for a machine that is
+not running.
 """
 
 from __future__ import annotations
@@ -159,24 +160,22 @@ def stats_snapshot(machine: Any) -> dict[str, Any]:
 class MachineStats:
     """A `ControlServer` source for a machine: `stats_snapshot()`, KVM stats fds kept open.
 
-    The fds are opened at the first snapshot (none if nobody asks) and closed
-    by `close()`, which the machine calls before closing its VM.
+    Create it before the vCPUs run: KVM_GET_STATS_FD on a vCPU takes the
+    vCPU's mutex, which KVM_RUN holds, so opening it later can wait as long
+    as the guest runs without an exit (seconds, on a software backend).
+    Reading an open stats fd takes no lock. `close()` before the VM closes.
     """
 
     def __init__(self, machine: Any) -> None:
         self.machine = machine
-        self._kvm: KvmStats | None = None
+        parts = _parts(machine)
+        self.kvm = KvmStats(parts.vm, parts.vcpus)
 
     def stats_snapshot(self) -> dict[str, Any]:
-        parts = _parts(self.machine)
-        if self._kvm is None:
-            self._kvm = KvmStats(parts.vm, parts.vcpus)
-        return _snapshot(parts, self._kvm, _machine_extra(self.machine))
+        return _snapshot(_parts(self.machine), self.kvm, _machine_extra(self.machine))
 
     def close(self) -> None:
-        if self._kvm is not None:
-            self._kvm.close()
-            self._kvm = None
+        self.kvm.close()
 
 
 # -- measuring a code region ------------------------------------------------------
@@ -214,10 +213,15 @@ class measure:
     instant and peak values as read at the end), time from the wall clock.
     """
 
-    def __init__(self, target: Any, *, kvm: bool = True) -> None:
+    def __init__(self, target: Any, *, kvm: bool = True, kvm_stats: KvmStats | None = None) -> None:
         self.target = target
         self.with_kvm = kvm
         self.result: MeasureResult | None = None
+        # Open stats fds to reuse (a running machine's MachineStats: opening a
+        # vCPU's stats fd while it runs waits for an exit; see MachineStats).
+        if kvm_stats is None and isinstance(getattr(target, "stats", None), MachineStats):
+            kvm_stats = target.stats.kvm
+        self._shared = kvm_stats
         self._kvm: KvmStats | None = None
 
     def _read(self) -> tuple[dict[int, Any], dict[str, Any]]:
@@ -229,7 +233,7 @@ class measure:
     def __enter__(self) -> measure:
         parts = _parts(self.target)
         if self.with_kvm:
-            self._kvm = KvmStats(parts.vm, parts.vcpus)
+            self._kvm = self._shared if self._shared is not None else KvmStats(parts.vm, parts.vcpus)
         self._t0 = time.perf_counter()
         self._before = self._read()
         return self
@@ -240,11 +244,12 @@ class measure:
             seconds = time.perf_counter() - self._t0
             self.result = self._diff(self._before, after, seconds)
         finally:
-            if self._kvm is not None:
+            if self._kvm is not None and self._kvm is not self._shared:
                 self._kvm.close()
-                self._kvm = None
+            self._kvm = None
 
     def _diff(self, before: tuple, after: tuple, seconds: float) -> MeasureResult:
+        kvm = self._kvm
         acct0, kvm0 = before
         acct1, kvm1 = after
         r = MeasureResult(seconds)
@@ -266,11 +271,11 @@ class measure:
                     r.mmio[m["addr"]] += n
             r.vmm_ns += a1["vmm_ns"] - a0["vmm_ns"]
             r.guest_ns += a1["guest_ns"] - a0["guest_ns"]
-        if self._kvm is not None:
-            vm_desc = self._kvm.vm.by_name if self._kvm.vm is not None else {}
+        if kvm is not None:
+            vm_desc = kvm.vm.by_name if kvm.vm is not None else {}
             r.kvm_vm = delta(kvm0["vm"], kvm1["vm"], vm_desc)
             for vid, v1 in kvm1["vcpus"].items():
-                d = delta(kvm0["vcpus"].get(vid, {}), v1, self._kvm.vcpus[vid].by_name)
+                d = delta(kvm0["vcpus"].get(vid, {}), v1, kvm.vcpus[vid].by_name)
                 r.kvm_vcpus[vid] = d
                 for name, value in d.items():
                     prev = r.kvm.get(name)

@@ -118,3 +118,65 @@ def test_names_are_made_safe_for_a_path(tmp_path):
     with ControlServer(FixedSource({}), name="my vm/../x", directory=tmp_path) as server:
         assert server.path.parent == tmp_path
         assert server.path.name == f"{os.getpid()}-my_vm_.._x.sock"
+
+
+def run_stat(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "kvmpy.stats.stat_cli", "--dir", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]), COLUMNS="150"))
+
+
+@pytest.fixture
+def served(outs_guest, tmp_path):
+    outs_guest.run()
+    stats = MachineStats(outs_guest)
+    server = ControlServer(stats, name="tiny", directory=tmp_path)
+    yield outs_guest
+    server.close()
+    stats.close()
+
+
+def test_stat_once_shows_the_exit_reasons(served, tmp_path):
+    out = run_stat(tmp_path, "--once")
+    assert out.returncode == 0, out.stderr
+    assert f"tiny (pid {os.getpid()}): {OUTS + 1} exits" in out.stdout
+    assert "IO" in out.stdout and "HLT" in out.stdout
+
+
+def test_stat_json_is_the_snapshot(served, tmp_path):
+    out = run_stat(tmp_path, "--json", str(os.getpid()))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    (snap,) = doc["vms"]
+    assert set(doc) == {"vms", "host"}
+    assert snap["name"] == "tiny"
+    assert snap["vcpus"][0]["reasons"]["IO"]["count"] == OUTS
+
+
+def test_stat_csv_lists_the_ports_view(served, tmp_path):
+    out = run_stat(tmp_path, "--csv", "--view", "ports", "tiny")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "pid,vm,port,direction,device,count,rate"
+    assert lines[1].startswith(f"{os.getpid()},tiny,0x0010,out,recording port,{OUTS},")
+
+
+def test_stat_kvm_view_lists_kernel_counters(served, tmp_path):
+    out = run_stat(tmp_path, "--csv", "--view", "kvm", "--sort", "name")
+    rows = {l.split(",")[2]: int(l.split(",")[3]) for l in out.stdout.splitlines()[1:]}
+    assert rows["exits"] >= OUTS + 1
+    assert "vm.mmu_cache_miss" in rows
+
+
+def test_stat_without_a_matching_vm_fails_clearly(served, tmp_path):
+    out = run_stat(tmp_path, "--once", "no-such-vm")
+    assert out.returncode == 1
+    assert "no running kvmpy VM matching 'no-such-vm'" in out.stderr
+
+
+def test_stat_plot_samples_and_writes_a_png(served, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (the 'plot' extra)")
+    png = tmp_path / "exits.png"
+    out = run_stat(tmp_path, "--plot", str(png), "--duration", "0.5", "--interval", "0.1")
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
