@@ -61,7 +61,7 @@ def _bucket_label(b: int) -> str:
     low = 1 << (b - 1)
     for unit, div in (("s", 10**9), ("ms", 10**6), ("us", 10**3)):
         if low >= div:
-            return f"{low / div:g}{unit}"
+            return f"{low / div:.3g}{unit}"
     return f"{low}ns"
 
 
