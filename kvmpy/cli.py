@@ -1,6 +1,6 @@
 """The `kvmpy` command: run a Linux guest, build the guest artifacts, describe the host.
 
-    kvmpy run [--kernel K] [--initrd I] [--cmdline ...] [--mem 256M] [--cpus N]
+    kvmpy run [--kernel K] [--initrd I] [--cmdline ...] [--mem 128M] [--cpus N]
     kvmpy build-guest
     kvmpy info
 """
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cmdline", default=DEFAULT_CMDLINE,
                      help="kernel command line (default: %(default)r)")
     run.add_argument("--append", default="", help="words added to the command line")
-    run.add_argument("--mem", default="256M", help="guest memory, e.g. 256M or 1G (default: %(default)s)")
+    run.add_argument("--mem", default="128M", help="guest memory, e.g. 256M or 1G (default: %(default)s)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default: %(default)s)")
     run.add_argument("--entry", choices=["auto", "linux64", "pvh"], default="auto",
                      help="boot entry for an ELF vmlinux (default: 64-bit boot protocol)")

@@ -94,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[tuple[str, dict[str, float], float | None, str]] = []
 
     kvmpy_cmd = [sys.executable, "-m", "kvmpy.cli", "run", "--quiet", "--kernel", str(kernel.vmlinux),
-                 "--initrd", str(initrd), "--cpus", str(args.cpus), "--timeout", str(args.timeout)]
+                 "--initrd", str(initrd), "--cpus", str(args.cpus), "--mem", "128M", "--timeout", str(args.timeout)]
     seen, ended, log = timeline(kvmpy_cmd, args.timeout + 10, poweroff=True)
     runs.append(("kvmpy", seen, ended, log))
 
     qemu = shutil.which("qemu-system-x86_64")
     if qemu and not args.no_qemu:
         # Default CPU model: "-cpu host" fails here setting MSR 0x10a (ARCH_CAPABILITIES).
-        qemu_cmd = [qemu, "-M", "microvm", "-enable-kvm", "-m", "256M", "-smp", str(args.cpus),
+        qemu_cmd = [qemu, "-M", "microvm", "-enable-kvm", "-m", "128M", "-smp", str(args.cpus),
                     "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
                     "-kernel", str(kernel.vmlinux), "-initrd", str(initrd), "-append", cmdline]
         seen, ended, log = timeline(qemu_cmd, args.timeout, poweroff=True)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 tail = [line for line in log.splitlines() if line.strip()][-2:]
                 notes.append(f"- {name} stopped after: `{' / '.join(t.strip()[:150] for t in tail)}`")
         section = (f"{HEADING}\n\nMeasured {datetime.date.today()} on backend `{detect_backend().value}`, "
-                   f"{args.cpus} vCPUs, 256 MiB, kvmpy's kernel ({kernel.version}) and busybox initramfs, "
+                   f"{args.cpus} vCPUs, 128 MiB, kvmpy's kernel ({kernel.version}) and busybox initramfs, "
                    "times from process start.\n\n" + table + "\n\n" + "\n".join(notes) + "\n")
         update_section(HEADING, section)
     return 0

@@ -53,7 +53,7 @@ def _read_until(proc: subprocess.Popen, sel: selectors.BaseSelector, buf: bytear
 def session(guest_artifacts) -> Session:
     vmlinux, initrd = guest_artifacts
     cmd = [sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(vmlinux), "--initrd", str(initrd),
-           "--cpus", "2", "--mem", "256M", "--timeout", str(BOOT_TIMEOUT + 120)]
+           "--cpus", "2", "--mem", "128M", "--timeout", str(BOOT_TIMEOUT + 120)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
