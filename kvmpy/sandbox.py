@@ -433,6 +433,9 @@ class _Run:
             vm.close()
             if mem is not None:
                 mem.close()
+            # Break the cycle run -> loop -> bus -> device -> run at once, so a pool's
+            # hundreds of VMs never wait for the garbage collector.
+            self.loop = None
 
     def _expire(self) -> None:
         self.budget_hit = True
@@ -591,7 +594,13 @@ class _Run:
         if self.returned is not None:
             return RunResult(self.returned, bytes(self.ctx.output), elapsed, self.calls)
         if self.error is not None:
-            raise self.error
+            # Not raised from self.error: the traceback would hold this frame, and the
+            # frame self, a cycle only the GC frees (with the VM's Python objects).
+            error, self.error = self.error, None
+            try:
+                raise error
+            finally:
+                del error  # nor may this frame's local refer to the exception
         if isinstance(exit, IntrExit) and self.budget_hit:
             rip = vcpu.get_regs().rip
             raise BudgetExceeded(f"guest function ran past its time budget of {self.timeout} s",
