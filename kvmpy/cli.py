@@ -21,6 +21,7 @@ from typing import Sequence
 from .errors import BootError, KvmError
 from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome
 from .platform import detect_backend, resolve_quirks
+from .stats import stat_cli
 
 ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU)
 
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("build-guest", help="build the micro-VM kernel and busybox initramfs (cached)")
     sub.add_parser("info", help="show the KVM backend, quirks and key capabilities")
+    stat_cli.add_parser(sub)
     return p
 
 
@@ -71,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "build-guest":
             return cmd_build_guest()
+        if args.command == "stat":
+            return stat_cli.run(args)
         return cmd_info()
     except (BootError, KvmError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ panic"), error (the VMM could not continue).
 from __future__ import annotations
 
 import enum
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,13 +29,16 @@ from .assists import Assists
 from .boot.linux import BootEntry, load_linux
 from .bus import Bus, mmio_bus, pio_bus
 from .devices.i8042 import I8042
+from .devices.rtc import CmosRtc
 from .devices.serial import Serial16550
 from .errors import BootError, GuestError, KvmError
-from .exits import Exit, ShutdownExit, SystemEventExit
+from .exits import Exit, IntrExit, ShutdownExit, SystemEventExit
 from .kvm import Kvm
 from .memory import GuestMemory, parse_size
 from .platform import Quirks, resolve_quirks
 from .runloop import VcpuLoop
+from .stats.api import MachineStats
+from .stats.control import ControlServer
 from .vcpu import Vcpu
 from .vm import Vm
 from .x86 import modes, syscall_trap
@@ -45,6 +49,7 @@ COM1_PORT = 0x3F8
 COM1_IRQ = 4
 I8042_PORT = 0x60
 I8042_PORTS = 5  # 0x60 data .. 0x64 status/command
+RTC_PORT = 0x70  # CMOS index 0x70, data 0x71
 
 # Like Firecracker's default: serial console, reset through the keyboard
 # controller, no module loading, and a panic turns into a reset we can see.
@@ -90,7 +95,7 @@ class MachineConfig:
     kernel: Path
     initrd: Path | None = None
     cmdline: str = DEFAULT_CMDLINE
-    memory: int | str = "256M"
+    memory: int | str = "128M"  # as Firecracker; boot time on an emulating backend grows with it
     cpus: int = 1
     quirks: str = "auto"  # auto | pvm | none
     entry: str = "auto"  # auto | linux64 | pvh
@@ -146,8 +151,13 @@ class Machine:
     """A Linux-booting micro-VM. `start()`, then `wait()` for its `Outcome`."""
 
     def __init__(self, config: MachineConfig, *, console: Callable[[bytes], None] | None = None,
-                 kvm: Kvm | None = None) -> None:
-        config.validate()
+                 kvm: Kvm | None = None, memory: GuestMemory | None = None) -> None:
+        # `memory` given: restoring a snapshot (kvmpy/snapshot.py). The guest's
+        # RAM is already there, so no kernel is loaded and no boot CPU set up;
+        # the config came from a validated machine and its files need not exist.
+        self._restoring = memory is not None
+        if not self._restoring:
+            config.validate()
         self.config = config
         self.quirks: Quirks = resolve_quirks(config.quirks)
         self.console = ConsoleLog()
@@ -156,14 +166,18 @@ class Machine:
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
         self._scan_from = 0
+        self._paused = False
+        self.stats_source: MachineStats | None = None
+        self.control: ControlServer | None = None
 
-        self.memory = GuestMemory(config.memory)
+        self.memory = memory if memory is not None else GuestMemory(config.memory)
         try:
-            self.boot: BootEntry = load_linux(self.memory, config.kernel, initrd=config.initrd,
-                                              cmdline=self._cmdline(tsc_khz=None),
-                                              entry=config.entry,  # type: ignore[arg-type]
-                                              reserved=syscall_trap.RESERVED if self.quirks.syscall_trap else ())
-            write_mptable(self.memory, config.cpus)
+            if not self._restoring:
+                self.boot: BootEntry = load_linux(self.memory, config.kernel, initrd=config.initrd,
+                                                  cmdline=self._cmdline(tsc_khz=None),
+                                                  entry=config.entry,  # type: ignore[arg-type]
+                                                  reserved=syscall_trap.RESERVED if self.quirks.syscall_trap else ())
+                write_mptable(self.memory, config.cpus)
             self.kvm = kvm if kvm is not None else Kvm()
             self._own_kvm = kvm is None
             self.vm: Vm = self.kvm.create_vm()
@@ -196,6 +210,8 @@ class Machine:
         self.pio.register(COM1_PORT, 8, self.serial, "COM1")
         self.i8042 = I8042(on_reset=lambda: self._finish(Outcome(Status.REBOOT, "i8042 reset")))
         self.pio.register(I8042_PORT, I8042_PORTS, self.i8042, "i8042")
+        self.rtc = CmosRtc()
+        self.pio.register(RTC_PORT, 2, self.rtc, "CMOS RTC")
 
         supported = self.kvm.get_supported_cpuid()
         self.vcpus: list[Vcpu] = []
@@ -214,6 +230,8 @@ class Machine:
             for loop in self.loops:
                 self.syscall_trap.attach(loop)
 
+        if self._restoring:
+            return
         if self.quirks.tsc_khz_on_cmdline:
             self._rewrite_cmdline(self._cmdline(self.vcpus[0].get_tsc_khz()))
         self._setup_boot_cpu(self.vcpus[0])
@@ -259,15 +277,52 @@ class Machine:
     # -- running ------------------------------------------------------------------
 
     def start(self) -> None:
+        # The stats fds must be open before any KVM_RUN: opening a vCPU's
+        # waits for its mutex, which a running vCPU holds.
+        if self.stats_source is None:
+            self.stats_source = MachineStats(self)
+            try:
+                self.control = ControlServer(self.stats_source, name=Path(self.config.kernel).name)
+            except KvmError as e:
+                print(f"kvmpy: no control socket for `kvmpy stat`: {e}", file=sys.stderr)
         for loop in self.loops:
             t = threading.Thread(target=self._vcpu_thread, args=(loop,), name=f"vcpu{loop.vcpu.id}",
                                  daemon=True)
             self._threads.append(t)
             t.start()
 
+    # -- pause and resume (kvmpy/microvm.py, kvmpy/snapshot.py) -------------------
+
+    def pause(self) -> None:
+        """Stop every vCPU thread at its next exit (a kick); the guest's state stays in KVM."""
+        if self._paused or self._done.is_set():
+            return
+        self._paused = True
+        for loop in self.loops:
+            loop.stop()
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+
+    def resume(self) -> None:
+        """Restart the vCPU threads of a paused machine; each vCPU continues where it stopped."""
+        if not self._paused or self._done.is_set():
+            return
+        # A loop once stopped stays stopped: fresh loops, same handlers, assists and accounting.
+        self.loops = [VcpuLoop(lp.vcpu, lp.pio, lp.mmio, assists=lp.assists, handlers=lp.handlers,
+                               accounting=lp.accounting) for lp in self.loops]
+        self._paused = False
+        self.start()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def _vcpu_thread(self, loop: VcpuLoop) -> None:
         try:
             exit = loop.run()
+            if self._paused and isinstance(exit, IntrExit) and not self._done.is_set():
+                return  # pause(): not an outcome
             outcome = self._outcome_of(exit)
         except GuestError as e:
             outcome = Outcome(Status.ERROR, str(e))
@@ -316,9 +371,20 @@ class Machine:
         assert self._outcome is not None
         return self._outcome
 
+    def stats(self) -> dict:
+        """A snapshot of the exit statistics: userspace accounting and KVM's own counters."""
+        source = self.stats_source if self.stats_source is not None else MachineStats(self)
+        return source.stats_snapshot()
+
     def close(self) -> None:
         if not self._done.is_set():
             self.stop()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.stats_source is not None:
+            self.stats_source.close()
+            self.stats_source = None
         self.vm.close()
         self.memory.close()
         if self._own_kvm:

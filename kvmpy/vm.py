@@ -15,6 +15,7 @@ from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
 from .errors import KvmError, KvmIoctlError
 from .memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from .stats.api import vm_stats
 from .vcpu import Vcpu
 
 MEM_LOG_DIRTY_PAGES = lib.KVM_MEM_LOG_DIRTY_PAGES
@@ -265,6 +266,13 @@ class Vm:
     def get_stats_fd(self) -> int:
         """KVM_GET_STATS_FD: a file of the VM's binary statistics (caller owns the fd)."""
         return ioctl_int(self.fd, "KVM_GET_STATS_FD")
+
+    def stats(self) -> dict[str, Any]:
+        """KVM's own counters of this VM and its vCPUs, read through KVM_GET_STATS_FD.
+
+        For the userspace exit accounting too, use `kvmpy.stats.vm_stats(machine)`.
+        """
+        return vm_stats(self)
 
     # -- vCPUs ---------------------------------------------------------------
 
