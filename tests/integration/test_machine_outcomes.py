@@ -1,0 +1,120 @@
+"""How a guest ends, as Machine and `kvmpy run` report it, with tiny ELF "kernels".
+
+Each kernel is a few instructions linked at 16 MiB like a vmlinux, so the
+Linux loader takes it and the boot CPU enters it in 64-bit mode. It ends
+the way a Linux guest can: printing the power-off line on COM1, pulsing the
+i8042 reset line, triple faulting, or printing a panic.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmpy.errors import BootError
+from kvmpy.machine import Machine, MachineConfig, Status
+
+PRINT = """
+    lea msg(%rip), %rsi
+1:  lodsb
+    test %al, %al
+    jz 2f
+    mov $0x3f8, %dx
+    out %al, %dx
+    jmp 1b
+2:
+"""
+KERNELS = {
+    "poweroff": PRINT + "cli\nhlt\njmp 2b\nmsg: .asciz \"reboot: Power down\\n\"",
+    "panic": PRINT + "mov $0x64, %dx\nmov $0xfe, %al\nout %al, %dx\nmsg: .asciz \"Kernel panic - not syncing: test\\n\"",
+    "i8042": "mov $0xfe, %al\nout %al, $0x64\nhlt",
+    "triple_fault": "lidt idt(%rip)\nud2\nidt: .word 0\n.quad 0",
+    "spin": "jmp .",
+}
+
+
+def _elf(tmp_path: Path, name: str) -> Path:
+    src, obj, elf = tmp_path / f"{name}.s", tmp_path / f"{name}.o", tmp_path / name
+    src.write_text(".code64\n.text\n.globl _start\n_start:\n" + KERNELS[name] + "\n")
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext", "0x1000000", "-e", "_start", "-o", str(elf), str(obj)],
+                   check=True)
+    return elf
+
+
+def _outcome(tmp_path: Path, name: str, kvm, **config):
+    with Machine(MachineConfig(kernel=_elf(tmp_path, name), memory="64M", **config), kvm=kvm) as m:
+        m.start()
+        outcome = m.wait(60)
+        console = m.console.text()
+    return outcome, console
+
+
+def test_power_off_line_on_the_console_is_a_poweroff(tmp_path, kvm):
+    outcome, console = _outcome(tmp_path, "poweroff", kvm)
+    assert outcome.status is Status.POWEROFF and outcome.exit_code == 0
+    assert "reboot: Power down" in console
+
+
+def test_i8042_reset_is_a_reboot(tmp_path, kvm):
+    outcome, _ = _outcome(tmp_path, "i8042", kvm)
+    assert outcome.status is Status.REBOOT and outcome.detail == "i8042 reset" and outcome.exit_code == 3
+
+
+def test_triple_fault_is_a_reboot(tmp_path, kvm):
+    outcome, _ = _outcome(tmp_path, "triple_fault", kvm)
+    assert outcome.status is Status.REBOOT and outcome.detail == "triple fault"
+
+
+def test_panic_followed_by_reset_is_a_panic(tmp_path, kvm):
+    outcome, _ = _outcome(tmp_path, "panic", kvm)
+    assert outcome.status is Status.PANIC and outcome.exit_code == 4
+
+
+def test_stop_ends_a_spinning_guest(tmp_path, kvm):
+    with Machine(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", cpus=2), kvm=kvm) as m:
+        m.start()
+        assert m.wait(0.5) is None
+        outcome = m.stop()
+    assert outcome.status is Status.STOPPED and outcome.exit_code == 130
+
+
+def test_kvmpy_run_exit_status_tells_how_the_guest_stopped(tmp_path):
+    for name, code in (("poweroff", 0), ("i8042", 3), ("panic", 4)):
+        p = subprocess.run([sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(_elf(tmp_path, name)),
+                            "--mem", "64M", "--timeout", "60"], stdin=subprocess.DEVNULL, capture_output=True)
+        assert p.returncode == code, (name, p.stderr.decode())
+
+
+def test_kvmpy_run_timeout_stops_the_guest_with_status_130(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(_elf(tmp_path, "spin")),
+                        "--mem", "64M", "--timeout", "1"], stdin=subprocess.DEVNULL, capture_output=True)
+    assert p.returncode == 130
+    assert b"timeout after 1 s" in p.stderr
+
+
+@pytest.mark.parametrize("problem, make", [
+    ("truncated", lambda p: p.write_bytes(p.read_bytes()[:200])),
+    ("wrong magic", lambda p: p.write_bytes(b"MZ" + p.read_bytes()[2:])),
+])
+def test_a_bad_kernel_is_refused_before_any_vm_exists(tmp_path, kvm, problem, make):
+    elf = _elf(tmp_path, "spin")
+    make(elf)
+    vms_before = len(list(Path("/proc/self/fd").iterdir()))
+    with pytest.raises(BootError):
+        Machine(MachineConfig(kernel=elf, memory="64M"), kvm=kvm)
+    assert len(list(Path("/proc/self/fd").iterdir())) == vms_before  # no VM fd was opened or leaked
+
+
+def test_impossible_memory_size_is_refused(tmp_path, kvm):
+    with pytest.raises(BootError, match="more than this host has"):
+        Machine(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64T"), kvm=kvm)
+
+
+def test_kvmpy_run_reports_a_missing_kernel_clearly(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(tmp_path / "nope")],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert p.returncode == 1 and "no such file" in p.stderr
