@@ -24,6 +24,31 @@ class Device(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
+class ByteRegisters:
+    """Base of devices made of 8-bit registers (the 16550A, the i8042, ...).
+
+    A wider access is split into byte accesses of consecutive registers,
+    little-endian, as the ISA bus splits it; subclasses implement
+    `_read_byte(offset)` and `_write_byte(offset, value)`.
+    """
+
+    def read(self, offset: int, size: int) -> int:
+        value = 0
+        for i in range(size):
+            value |= self._read_byte(offset + i) << (8 * i)
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        for i in range(size):
+            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+
+    def _read_byte(self, offset: int) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must implement _read_byte")
+
+    def _write_byte(self, offset: int, value: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _write_byte")
+
+
 @dataclass(frozen=True)
 class Range:
     base: int

@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable
 from enum import IntEnum, IntFlag
 
+from ..bus import ByteRegisters
+
 PORT_BASE = 0x60
 """The data port; the status/command port is PORT_BASE + Port.COMMAND."""
 
@@ -68,7 +70,7 @@ POST passed, scan codes translated."""
 SELF_TEST_PASSED = 0x55
 
 
-class I8042:
+class I8042(ByteRegisters):
     """A keyboard controller that answers a few commands and resets the VM.
 
     ``on_reset`` is called (outside the device lock, on the vCPU thread that
@@ -83,18 +85,6 @@ class I8042:
         self._command_byte = int(DEFAULT_COMMAND_BYTE)
         self._output: int | None = None  # the byte waiting on the data port
         self._awaiting_command_byte = False  # a 0x60 command wants its value
-
-    def read(self, offset: int, size: int) -> int:
-        """Read ``size`` bytes from consecutive ports, little-endian."""
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        """Write ``size`` bytes of ``value`` to consecutive ports."""
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
 
     def _read_byte(self, offset: int) -> int:
         with self._lock:
@@ -130,3 +120,18 @@ class I8042:
         elif command == Command.PULSE_RESET:
             return True
         return False
+
+    # -- snapshots (kvmpy/snapshot.py) ---------------------------------------
+
+    def snapshot_state(self) -> dict:
+        """The controller's state as JSON-able values."""
+        with self._lock:
+            return {"command_byte": self._command_byte, "output": self._output,
+                    "awaiting_command_byte": self._awaiting_command_byte}
+
+    def restore_state(self, state: dict) -> None:
+        """Load what `snapshot_state` returned."""
+        with self._lock:
+            self._command_byte = state["command_byte"]
+            self._output = state["output"]
+            self._awaiting_command_byte = bool(state["awaiting_command_byte"])

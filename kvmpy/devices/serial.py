@@ -32,6 +32,8 @@ from collections import deque
 from collections.abc import Callable
 from enum import IntEnum, IntFlag
 
+from ..bus import ByteRegisters
+
 RX_FIFO_SIZE = 16
 """Bytes the 16550A receiver FIFO holds (FCR.0 set); 1 (the RBR) without it."""
 
@@ -174,7 +176,7 @@ _BREAK = 0x100
 """An RX FIFO entry for a received break: reads as 0x00 with LSR.BI."""
 
 
-class Serial16550:
+class Serial16550(ByteRegisters):
     """A 16550A UART for one port-I/O range of ``REGISTER_COUNT`` ports.
 
     ``output`` receives each transmitted byte (as a 1-byte ``bytes``) when the
@@ -217,23 +219,6 @@ class Serial16550:
         self._irq_changes: deque[bool] = deque()  # computed, not yet delivered
 
     # -- the device interface ------------------------------------------------
-
-    def read(self, offset: int, size: int) -> int:
-        """Read ``size`` bytes starting at register ``offset``, little-endian.
-
-        The UART is an 8-bit ISA device: a wider access touches consecutive
-        registers one byte at a time, as the bus would split it. Offsets past
-        SCR read 0xFF (nothing drives the bus).
-        """
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        """Write ``size`` bytes of ``value`` starting at register ``offset``."""
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
 
     # -- host side -----------------------------------------------------------
 
@@ -583,3 +568,31 @@ class Serial16550:
                     level = self._irq_changes.popleft()
                 irq(level)
 
+    # -- snapshots (kvmpy/snapshot.py) ---------------------------------------
+
+    def snapshot_state(self) -> dict:
+        """Every register, FIFO and latch as JSON-able values (the callbacks are the machine's)."""
+        with self._lock:
+            return {
+                "ier": self._ier, "lcr": self._lcr, "mcr": self._mcr, "fcr": self._fcr,
+                "dll": self._dll, "dlm": self._dlm, "scr": self._scr,
+                "line_errors": int(self._line_errors), "msr_deltas": int(self._msr_deltas),
+                "thr_interrupt": self._thr_interrupt,
+                "rx_fifo": list(self._rx_fifo), "rx_backlog": list(self._rx_backlog),
+                "overruns": self._overruns, "irq_line": self._irq_line,
+            }
+
+    def restore_state(self, state: dict) -> None:
+        """Load what `snapshot_state` returned. The interrupt line level is taken as
+        already delivered: the in-kernel irqchip's own state is restored with it."""
+        with self._lock:
+            self._ier, self._lcr, self._mcr = state["ier"], state["lcr"], state["mcr"]
+            self._fcr, self._dll, self._dlm, self._scr = state["fcr"], state["dll"], state["dlm"], state["scr"]
+            self._line_errors, self._msr_deltas = state["line_errors"], state["msr_deltas"]
+            self._thr_interrupt = bool(state["thr_interrupt"])
+            self._rx_fifo = deque(state["rx_fifo"])
+            self._rx_backlog = deque(state["rx_backlog"])
+            self._overruns = state["overruns"]
+            self._irq_line = bool(state["irq_line"])
+            self._irq_changes.clear()
+            self._rx_space_freed.notify_all()
