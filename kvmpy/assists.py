@@ -2,86 +2,391 @@
 
 Some backends (software KVM such as PVM, nested setups, older kernels) stop
 with KVM_EXIT_INTERNAL_ERROR / EMULATION on instructions real hardware runs
-without exiting. Where the effect is exactly known, the VMM completes the
-instruction and the guest goes on; otherwise the exit loop stops the VM with
-a `GuestError` naming vCPU, RIP, CPU mode and the instruction bytes.
+without exiting. `Assists.handle` completes such an instruction so the guest
+goes on as if the CPU had run it:
 
-Completions here:
-- ``int3`` (CC): RIP += 1, inject #BP, so the guest's vector-3 handler runs
-  with the return address after the breakpoint, as on hardware.
-- ``fwait`` (9B): a no-op when no x87 exception is pending (Linux runs it on
-  every FPU state switch); RIP += 1.
+1. Fetch: the bytes KVM reported, or else the bytes at CS.base + RIP read
+   through the guest's page tables (`GuestMemory.translate`).
+2. Decode with capstone (`kvmpy.x86.decode`), cached by bytes.
+3. Complete, by one of three paths:
+   - events by injection (KVM_SET_VCPU_EVENTS): `int3` -> #BP and `into`
+     -> #OF as exceptions, `int n` -> vector n as an interrupt, each with
+     RIP advanced past the instruction (the return address the handler
+     sees, as for a trap-like software interrupt);
+   - simple state changes directly: `clac`/`stac` flip RFLAGS.AC;
+     `clflush`/`clflushopt`/`clwb` are no-ops on guest RAM (after the
+     operand's page walk, which can #PF); `xgetbv` reads KVM_GET_XCRS;
+     `invpcid`/`invlpg` check their operands like the CPU and then force a
+     TLB flush (see `flush_tlb`); `fwait` raises a pending x87 exception
+     or does nothing; `rdpru` is #UD when the CPU has no RDPRU;
+   - everything else once in Unicorn over the guest's own memory
+     (`kvmpy.x86.emulate`), MMIO operands going to `mmio_bus`.
+4. A fault raised while completing (#PF on the memory operand, #GP, #UD ...)
+   is injected as the CPU would raise it: RIP unchanged, error code, CR2.
+
+What cannot be completed raises `GuestError` naming vCPU, RIP, CPU mode, the
+bytes and their disassembly: the VM stops with a reason, never hangs.
+`completed` counts completions by instruction, `faults` the faults injected,
+`seconds` the time spent per instruction (cost = seconds / completed).
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any, Callable
 
+from ._kvm import ffi
 from .errors import GuestError, GuestMemoryError
 from .exits import InternalErrorExit
+from .x86.decode import Decoder, Fault, Instruction, effective_address, read_register
 
-# A completion gets (vcpu, regs, instruction bytes) and returns True when done.
-Completion = Callable[[Any, Any, bytes], bool]
 # A hook sees the raw exit first (before any register ioctl) and returns True if it handled it.
 Hook = Callable[[Any, InternalErrorExit], bool]
 
+DB_VECTOR = 1
 BP_VECTOR = 3
+OF_VECTOR = 4
+UD_VECTOR = 6
+NM_VECTOR = 7
+GP_VECTOR = 13
+PF_VECTOR = 14
+MF_VECTOR = 16
+
+RFLAGS_TF = 1 << 8
+RFLAGS_OF = 1 << 11
+RFLAGS_AC = 1 << 18
+CR0_MP = 1 << 1
+CR0_TS = 1 << 3
+CR4_PGE = 1 << 7
+CR4_PCIDE = 1 << 17
+CR4_OSXSAVE = 1 << 18
+FSW_ES = 1 << 7
+
+_BITS = {"real": 16, "protected16": 16, "protected32": 32, "compat": 32, "long64": 64}
 
 
-def _int3(vcpu: Any, regs: Any, insn: bytes) -> bool:
-    regs.rip += 1
+class CannotComplete(Exception):
+    """This instruction, in this state, has no completion: the VM must stop."""
+
+
+# A direct completion updates the vCPU (and returns None) or returns the Fault to inject.
+Completion = Callable[["Assists", Any, Any, Any, Instruction], "Fault | None"]
+
+
+def flush_tlb(vcpu: Any, sregs: Any) -> None:
+    """Make KVM drop every cached translation of this vCPU.
+
+    The KVM API has no "flush the guest TLB" call. KVM_SET_SREGS resets the
+    vCPU's MMU context and flushes its TLB when CR0, CR3, CR4 or EFER change
+    (`__set_sregs_common`: mmu_reset_needed), but not for an identical state.
+    So set the state once with CR4.PGE toggled (a change that is always
+    legal and by itself flushes global pages too), then the real state:
+    two ioctls, the guest sees no difference.
+    """
+    toggled = ffi.new("struct kvm_sregs *")
+    ffi.memmove(toggled, sregs, ffi.sizeof("struct kvm_sregs"))
+    toggled.cr4 ^= CR4_PGE
+    vcpu.set_sregs(toggled)
+    vcpu.set_sregs(sregs)
+
+
+def _advance(vcpu: Any, regs: Any, insn: Instruction) -> None:
+    regs.rip += insn.length
+    if insn.bits != 64:
+        regs.rip &= 0xFFFF_FFFF if insn.bits == 32 else 0xFFFF
     vcpu.set_regs(regs)
-    vcpu.inject_exception(BP_VECTOR)
-    return True
 
 
-def _fwait(vcpu: Any, regs: Any, insn: bytes) -> bool:
-    regs.rip += 1
-    vcpu.set_regs(regs)
-    return True
+def _cpl(sregs: Any) -> int:
+    return sregs.cs.dpl if sregs.cr0 & 1 else 0
+
+
+# -- event instructions ----------------------------------------------------------------
+
+def _int3(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    _advance(vcpu, regs, insn)
+    vcpu.inject_exception(BP_VECTOR)  # a trap: the frame's RIP is the next instruction
+    return None
+
+
+def _into(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if insn.bits == 64:
+        return Fault(UD_VECTOR)
+    _advance(vcpu, regs, insn)
+    if regs.rflags & RFLAGS_OF:
+        vcpu.inject_exception(OF_VECTOR)
+    return None
+
+
+def _int_n(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    vector = insn.imms[0] & 0xFF
+    cpl = _cpl(sregs)
+    if cpl and sregs.cr0 & 1:
+        # A software interrupt checks the gate's DPL against CPL (SDM vol. 3A, 6.12.1.1).
+        size = 16 if sregs.efer & (1 << 10) else 8
+        gate = a.read_linear(vcpu, sregs, sregs.idt.base + vector * size, 8)
+        dpl = (gate[5] >> 5) & 3 if gate is not None else 0
+        if gate is None or dpl < cpl:
+            return Fault(GP_VECTOR, vector * 8 + 2)
+    _advance(vcpu, regs, insn)
+    # Injected as an event with RIP already past `int n`: the handler's frame
+    # holds the next instruction and no error code is pushed, as for `int n`
+    # (an exception injection would push one for vectors 8, 10-14, 17).
+    ev = vcpu.get_vcpu_events()
+    ev.interrupt.injected = 1
+    ev.interrupt.nr = vector
+    ev.interrupt.soft = 0
+    ev.flags = 0
+    vcpu.set_vcpu_events(ev)
+    return None
+
+
+# -- simple state changes ---------------------------------------------------------------
+
+def _clac(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if _cpl(sregs):
+        return Fault(UD_VECTOR)
+    regs.rflags &= ~RFLAGS_AC
+    _advance(vcpu, regs, insn)
+    return None
+
+
+def _stac(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if _cpl(sregs):
+        return Fault(UD_VECTOR)
+    regs.rflags |= RFLAGS_AC
+    _advance(vcpu, regs, insn)
+    return None
+
+
+def _cache_flush(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    # Guest RAM is ordinary coherent host memory: nothing to write back. The
+    # operand is still translated, so an unmapped line faults as on the CPU.
+    fault = a.check_operand(regs, sregs, insn, write=False)
+    if fault is not None:
+        return fault
+    _advance(vcpu, regs, insn)
+    return None
+
+
+def _xgetbv(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if not sregs.cr4 & CR4_OSXSAVE:
+        return Fault(UD_VECTOR)
+    index = regs.rcx & 0xFFFF_FFFF
+    xcr0 = vcpu.get_xcrs().get(0, 1)
+    if index == 0:
+        value = xcr0
+    elif index == 1 and a.cpuid(vcpu, 0xD, 1)[0] & (1 << 2):
+        # XINUSE: the XSTATE_BV of the state KVM holds (XSAVE header at 512).
+        xinuse = int.from_bytes(vcpu.get_xsave()[512:520], "little")
+        value = xcr0 & xinuse
+    else:
+        return Fault(GP_VECTOR, 0)
+    regs.rax = value & 0xFFFF_FFFF
+    regs.rdx = value >> 32
+    _advance(vcpu, regs, insn)
+    return None
+
+
+def _invpcid(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if _cpl(sregs):
+        return Fault(GP_VECTOR, 0)
+    kind = read_register(regs, insn.regs[0])
+    linear = effective_address(insn, insn.mems[0], regs, sregs)
+    descriptor = a.read_linear(vcpu, sregs, linear, 16)
+    if descriptor is None:
+        return Fault(PF_VECTOR, a.pf_error_code(linear, sregs, write=False), linear)
+    pcid = int.from_bytes(descriptor[:8], "little")
+    address = int.from_bytes(descriptor[8:], "little")
+    if kind > 3 or pcid >> 12:
+        return Fault(GP_VECTOR, 0)
+    if kind == 0 and not _canonical(address):
+        return Fault(GP_VECTOR, 0)
+    if kind in (0, 1) and not sregs.cr4 & CR4_PCIDE and pcid & 0xFFF:
+        return Fault(GP_VECTOR, 0)
+    _advance(vcpu, regs, insn)
+    flush_tlb(vcpu, sregs)
+    return None
+
+
+def _invlpg(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if _cpl(sregs):
+        return Fault(GP_VECTOR, 0)
+    _advance(vcpu, regs, insn)
+    flush_tlb(vcpu, sregs)
+    return None
+
+
+def _fwait(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if sregs.cr0 & CR0_MP and sregs.cr0 & CR0_TS:
+        return Fault(NM_VECTOR)
+    if vcpu.get_fpu().fsw & FSW_ES:
+        return Fault(MF_VECTOR)  # an unmasked x87 exception is pending
+    _advance(vcpu, regs, insn)
+    return None
+
+
+def _rdpru(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if not a.cpuid(vcpu, 0x8000_0008, 0)[1] & (1 << 4):
+        return Fault(UD_VECTOR)  # AMD APM: #UD when CPUID Fn8000_0008_EBX[RDPRU] = 0
+    raise CannotComplete("RDPRU with CPUID RDPRU set: its registers (MPERF/APERF) are not modelled")
+
+
+def _canonical(address: int) -> bool:
+    top = address >> 47
+    return top == 0 or top == (1 << 17) - 1
+
+
+DIRECT: dict[str, Completion] = {
+    "int3": _int3, "into": _into, "int": _int_n,
+    "clac": _clac, "stac": _stac,
+    "clflush": _cache_flush, "clflushopt": _cache_flush, "clwb": _cache_flush,
+    "xgetbv": _xgetbv, "invpcid": _invpcid, "invlpg": _invlpg,
+    "fwait": _fwait, "wait": _fwait, "rdpru": _rdpru,
+}
 
 
 class Assists:
     """The emulation-failure handler of an exit loop.
 
     `handle(vcpu, exit)` completes the instruction (True) or raises
-    `GuestError`. `completed` counts completions by instruction name.
+    `GuestError`. `memory` (a GuestMemory) is needed for everything that reads
+    guest memory or runs in Unicorn; `mmio_bus` serves non-RAM operands of
+    instructions completed in Unicorn (without it they read as all ones).
     """
 
-    def __init__(self, memory: Any = None, *, enabled: bool = True) -> None:
+    def __init__(self, memory: Any = None, *, enabled: bool = True, mmio_bus: Any = None) -> None:
         self.memory = memory
         self.enabled = enabled
+        self.mmio_bus = mmio_bus
         self.completed: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()  # "mnemonic #vector"
+        self.seconds: Counter[str] = Counter()
         self.hooks: list[Hook] = []
-        # First opcode byte -> (name, completion). Longer patterns are the
-        # business of the instruction-completion layer built on this table.
-        self.table: dict[int, tuple[str, Completion]] = {0xCC: ("int3", _int3), 0x9B: ("fwait", _fwait)}
+        self.direct: dict[str, Completion] = dict(DIRECT)
+        self.decoder = Decoder()
+        self._executor: Any = None
+        self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] | None = None
+
+    # -- helpers used by the completions -----------------------------------------------
+
+    def read_linear(self, vcpu: Any, sregs: Any, linear: int, size: int) -> bytes | None:
+        """`size` bytes at a linear address through the guest's page tables; None if unmapped."""
+        if self.memory is None:
+            return None
+        out = bytearray()
+        try:
+            while size:
+                gpa = self.memory.translate(linear, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4, efer=sregs.efer)
+                n = min(size, 4096 - (gpa & 0xFFF))
+                out += self.memory.read(gpa, n)
+                linear, size = linear + n, size - n
+        except GuestMemoryError:
+            return None
+        return bytes(out)
+
+    def pf_error_code(self, linear: int, sregs: Any, *, write: bool) -> int:
+        from .x86.emulate import page_fault_error_code
+        return page_fault_error_code(self.memory, linear, sregs, write=write)
+
+    def check_operand(self, regs: Any, sregs: Any, insn: Instruction, *, write: bool) -> Fault | None:
+        """#PF if the memory operand's page is not mapped (paging on), else None."""
+        if not insn.mems or not sregs.cr0 & (1 << 31) or self.memory is None:
+            return None
+        linear = effective_address(insn, insn.mems[0], regs, sregs)
+        try:
+            self.memory.translate(linear, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4, efer=sregs.efer)
+        except GuestMemoryError:
+            return Fault(PF_VECTOR, self.pf_error_code(linear, sregs, write=write), linear)
+        return None
+
+    def cpuid(self, vcpu: Any, function: int, index: int) -> tuple[int, int, int, int]:
+        """(eax, ebx, ecx, edx) of the guest's CPUID leaf: the table set on the vCPU, else KVM's."""
+        if self._cpuid is None:
+            try:
+                entries = vcpu.get_cpuid2()
+            except Exception:
+                entries = []
+            if not entries:
+                entries = vcpu.vm.system.get_supported_cpuid()
+            self._cpuid = {(e.function, e.index): (e.eax, e.ebx, e.ecx, e.edx) for e in entries}
+        return self._cpuid.get((function, index)) or self._cpuid.get((function, 0)) or (0, 0, 0, 0)
+
+    @property
+    def executor(self) -> Any:
+        """The Unicorn executor (created at the first instruction that needs it)."""
+        if self._executor is None:
+            from .x86.emulate import UnicornExecutor
+            self._executor = UnicornExecutor(self.memory, self.mmio_bus)
+        return self._executor
+
+    # -- the exit handler ---------------------------------------------------------------
 
     def instruction_bytes(self, vcpu: Any, exit: InternalErrorExit, regs: Any, sregs: Any) -> bytes:
         """The bytes at the faulting RIP: from KVM if it gave them, else through the guest's page tables."""
         if exit.insn_bytes:
             return exit.insn_bytes
-        if self.memory is None:
-            return b""
         linear = sregs.cs.base + regs.rip
-        try:
-            gpa = self.memory.translate(linear, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4, efer=sregs.efer)
-            return self.memory.read(gpa, min(15, 4096 - (gpa & 0xFFF)))
-        except GuestMemoryError:
-            return b""
+        for size in (15, 4096 - (linear & 0xFFF)):  # the second try stops at the page end
+            data = self.read_linear(vcpu, sregs, linear, min(size, 15))
+            if data is not None:
+                return data
+        return b""
 
     def handle(self, vcpu: Any, exit: InternalErrorExit) -> bool:
         for hook in self.hooks:
             if hook(vcpu, exit):
                 return True
+        start = time.perf_counter()
         regs = vcpu.get_regs()
         sregs = vcpu.get_sregs()
-        insn = self.instruction_bytes(vcpu, exit, regs, sregs) if exit.is_emulation_failure else b""
-        if self.enabled and insn:
-            entry = self.table.get(insn[0])
-            if entry is not None and entry[1](vcpu, regs, insn):
-                self.completed[entry[0]] += 1
-                return True
-        raise GuestError(exit.describe(), vcpu=vcpu.id, rip=regs.rip, mode=vcpu.cpu_mode(sregs),
-                         insn=insn or None)
+        mode = vcpu.cpu_mode(sregs)
+        bits = _BITS[mode]
+        code = self.instruction_bytes(vcpu, exit, regs, sregs) if exit.is_emulation_failure else b""
+        insn = self.decoder.decode(code, bits) if code else None
+
+        def fail(why: str) -> GuestError:
+            return GuestError(f"{exit.describe()}: {why}", vcpu=vcpu.id, rip=regs.rip, mode=mode,
+                              insn=code or None, disassembly=insn.text if insn else None)
+
+        if not exit.is_emulation_failure:
+            raise fail("not an emulation failure")
+        if not self.enabled:
+            raise fail("instruction completion is off")
+        if insn is None:
+            raise fail("the instruction bytes could not be read or decoded")
+        name = insn.base_mnemonic
+        completion = self.direct.get(name)
+        try:
+            if completion is not None:
+                fault = completion(self, vcpu, regs, sregs, insn)
+            elif self.memory is None:
+                raise CannotComplete("no guest memory given to execute it in Unicorn")
+            else:
+                from .x86.emulate import UnicornUnsupported
+                try:
+                    fault = self.executor.execute(vcpu, regs, sregs, insn)
+                except UnicornUnsupported as e:
+                    raise CannotComplete(str(e)) from e
+        except CannotComplete as e:
+            raise fail(f"cannot complete '{insn.text}': {e}") from None
+        if fault is not None:
+            self.inject(vcpu, sregs, fault)
+            self.faults[f"{name} #{fault.vector}"] += 1
+        elif regs.rflags & RFLAGS_TF and name not in ("int3", "int", "into"):
+            vcpu.inject_exception(DB_VECTOR)  # single-step trap after the completed instruction
+        self.completed[name] += 1
+        self.seconds[name] += time.perf_counter() - start
+        return True
+
+    def inject(self, vcpu: Any, sregs: Any, fault: Fault) -> None:
+        """Deliver `fault` (RIP still at the instruction): CR2 first for #PF, then the exception."""
+        if fault.vector == PF_VECTOR and fault.cr2 is not None:
+            sregs.cr2 = fault.cr2
+            vcpu.set_sregs(sregs)
+        vcpu.inject_exception(fault.vector, fault.error_code)
+
+    def cost(self) -> dict[str, float]:
+        """Mean seconds per completion, by instruction."""
+        return {n: self.seconds[n] / c for n, c in self.completed.items() if c}

@@ -111,13 +111,14 @@ def test_unknown_emulation_failure_raises_guest_error_with_vcpu_rip_mode_and_byt
 
 def test_emulation_failure_without_kvm_bytes_reads_them_through_the_guest_page_tables(guest):
     g = guest("64", "hlt")
-    g.mem.write(0x20_0000, b"\x0f\x01\xca")  # clac, not completed by the assists
+    g.mem.write(0x20_0000, b"\x0f\x38\xc8\xc8")  # sha1nexte: Unicorn cannot complete it
     regs = g.vcpu.get_regs()
     regs.rip = 0x20_0000
     g.vcpu.set_regs(regs)
     with pytest.raises(GuestError) as info:
         Assists(memory=g.mem).handle(g.vcpu, _emulation_failure(b""))
-    assert info.value.insn[:3] == b"\x0f\x01\xca"
+    assert info.value.insn[:4] == b"\x0f\x38\xc8\xc8"
+    assert info.value.disassembly == "sha1nexte xmm1, xmm0"
 
 
 def test_assist_completes_int3_by_advancing_rip_and_injecting_breakpoint(guest):
