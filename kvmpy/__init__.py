@@ -18,10 +18,21 @@ from .vm import Vm
 
 __version__ = "0.1.0"
 
+# The scripting layer (kvmpy/microvm.py) sits above the machine; imported on first use.
+_LAZY = {"MicroVM": "microvm", "MicroVMConfig": "microvm"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'kvmpy' has no attribute {name!r}")
+
 __all__ = [
     "BootError", "Bus", "BusError", "Capability", "CapabilityError", "CpuidEntry", "DebugExit",
     "Device", "Exit", "ExitReason", "FailEntryExit", "GuestError", "GuestMemory", "GuestMemoryError",
-    "HltExit", "InternalErrorExit", "IntrExit", "IoExit", "IrqWindowOpenExit", "Kvm", "KvmError",
+    "HltExit", "InternalErrorExit", "MicroVM", "MicroVMConfig", "IntrExit", "IoExit", "IrqWindowOpenExit", "Kvm", "KvmError",
     "KvmIoctlError", "KvmUnavailableError", "MemoryRegion", "MmioExit", "MsrExit", "ShutdownExit",
     "SystemEventExit", "Vcpu", "VcpuLoop", "Vm", "kvm_available", "mmio_bus", "pio_bus",
 ]
