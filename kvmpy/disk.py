@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -55,6 +56,36 @@ def make_ext4_image(path: str | os.PathLike[str], source_dir: str | os.PathLike[
     return path
 
 
+def populate_busybox_root(directory: str | os.PathLike[str], **initramfs_options: object) -> Path:
+    """Write kvmpy's busybox tree (the one its initramfs holds, /init included) into `directory`.
+
+    The result, passed to `make_ext4_image`, is a root file system the guest
+    kernel can boot with `root=/dev/vda init=/init`. Device nodes are left
+    out: the kernel mounts devtmpfs on /dev itself (CONFIG_DEVTMPFS_MOUNT).
+    Options are those of `kvmpy.boot.initramfs.busybox_initramfs`.
+    """
+    from .boot.initramfs import busybox_initramfs
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in busybox_initramfs(**initramfs_options):  # type: ignore[arg-type]
+        path = root / entry.name
+        if stat.S_ISDIR(entry.mode):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(stat.S_IMODE(entry.mode))
+        elif stat.S_ISLNK(entry.mode):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_symlink():
+                path.unlink()
+            path.symlink_to(entry.data.decode())
+        elif stat.S_ISREG(entry.mode):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(entry.data)
+            path.chmod(stat.S_IMODE(entry.mode))
+    (root / "mnt").mkdir(exist_ok=True)
+    return root
+
+
 def _superblock(path: str | os.PathLike[str]) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -85,4 +116,4 @@ def read_file_from_image(path: str | os.PathLike[str], guest_path: str) -> bytes
     return proc.stdout
 
 
-__all__ = ["DiskImageError", "ext4_mount_count", "make_ext4_image", "read_file_from_image"]
+__all__ = ["DiskImageError", "ext4_mount_count", "make_ext4_image", "populate_busybox_root", "read_file_from_image"]

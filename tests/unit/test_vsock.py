@@ -9,7 +9,6 @@ temporary directory, in Firecracker's layout (`<uds>_<port>` listeners, and
 from __future__ import annotations
 
 import socket
-import struct
 import time
 
 import pytest
