@@ -357,17 +357,14 @@ class MicroVM:
 
         Assumes a shell at `prompt` that echoes its input (a serial console does).
         """
-        head, tail = "__kvmpy_", f"{time.monotonic_ns()}__"
-        marker = head + tail
-        # The echo of the typed line shows the marker quoted in two halves, so only the
-        # command's own `echo` prints it whole (a line editor may decorate its echo).
-        typed = f'echo "{head}""{tail}"'
-        self.sendline(f"{command}; {typed}")
-        self.expect(typed, timeout)
-        found = self.expect(re.compile(r"(.*?)" + re.escape(marker) + r"\r?\n", re.S), timeout)
+        # Start and end markers, typed quoted in two halves: the shell's echo of the
+        # line (which a line editor may wrap or decorate) never contains them whole.
+        tag = f"__kvmpy_{time.monotonic_ns()}"
+        self.sendline(f'echo "{tag}""_start__"; {command}; echo "{tag}""_end__"')
+        self.expect(re.compile(re.escape(f"{tag}_start__") + r"\r?\n"), timeout)
+        found = self.expect(re.compile(r"(.*?)" + re.escape(f"{tag}_end__") + r"\r?\n", re.S), timeout)
         self.expect(prompt, timeout)
         output = found.group(1)
-        output = output[output.find("\n") + 1:]  # the rest of the echoed line
         return output.replace("\r\n", "\n")
 
     # -- snapshots ---------------------------------------------------------------------
