@@ -215,3 +215,13 @@ def test_teardown_leaves_no_fds_or_threads_whatever_the_guest_did():
         with pytest.raises(BudgetExceeded):
             spin()
     assert _resources() == before
+
+
+def test_the_same_function_runs_at_cpl0_when_asked():
+    # Emulated on the PVM backend (slow), so only a few instructions.
+    assert sandbox.run(MUL, args=(6, 7), user_mode=False) == 42
+
+
+def test_payload_runs_in_user_mode():
+    # mov %cs, %ax: the low two bits are the CPL.
+    assert sandbox.run("mov %cs, %eax\nand $3, %eax\nret", lang="asm") == 3
