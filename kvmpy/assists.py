@@ -7,7 +7,8 @@ goes on as if the CPU had run it:
 
 1. Fetch: the bytes KVM reported, or else the bytes at CS.base + RIP read
    through the guest's page tables (`GuestMemory.translate`).
-2. Decode with capstone (`kvmpy.x86.decode`), cached by bytes.
+2. Decode with capstone (`kvmpy.x86.decode`), cached by bytes. Bytes that
+   decode to no instruction get #UD, as on the CPU.
 3. Complete, by one of three paths:
    - events by injection (KVM_SET_VCPU_EVENTS): `int3` -> #BP and `into`
      -> #OF as exceptions, `int n` -> vector n as an interrupt, each with
@@ -18,7 +19,8 @@ goes on as if the CPU had run it:
      operand's page walk, which can #PF); `xgetbv` reads KVM_GET_XCRS;
      `invpcid`/`invlpg` check their operands like the CPU and then force a
      TLB flush (see `flush_tlb`); `fwait` raises a pending x87 exception
-     or does nothing; `rdpru` is #UD when the CPU has no RDPRU;
+     or does nothing; `rdpru` is #UD when the CPU has no RDPRU; `rdtscp`
+     reads the guest's IA32_TSC and TSC_AUX with KVM_GET_MSRS;
    - everything else once in Unicorn over the guest's own memory
      (`kvmpy.x86.emulate`), MMIO operands going to `mmio_bus`.
 4. A fault raised while completing (#PF on the memory operand, #GP, #UD ...)
@@ -233,6 +235,24 @@ def _rdpru(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> F
     raise CannotComplete("RDPRU with CPUID RDPRU set: its registers (MPERF/APERF) are not modelled")
 
 
+MSR_IA32_TSC = 0x10
+MSR_TSC_AUX = 0xC000_0103
+
+
+def _rdtscp(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    # The guest's TSC and TSC_AUX as KVM keeps them (Unicorn's own clock would be wrong).
+    if sregs.cr4 & (1 << 2) and _cpl(sregs):  # CR4.TSD at CPL > 0
+        return Fault(GP_VECTOR, 0)
+    msrs = vcpu.get_msrs([MSR_IA32_TSC, MSR_TSC_AUX])
+    tsc = msrs.get(MSR_IA32_TSC)
+    if tsc is None:
+        raise CannotComplete("KVM_GET_MSRS gave no IA32_TSC")
+    regs.rax, regs.rdx = tsc & 0xFFFF_FFFF, tsc >> 32
+    regs.rcx = msrs.get(MSR_TSC_AUX, 0) & 0xFFFF_FFFF
+    _advance(vcpu, regs, insn)
+    return None
+
+
 def _canonical(address: int) -> bool:
     top = address >> 47
     return top == 0 or top == (1 << 17) - 1
@@ -243,7 +263,7 @@ DIRECT: dict[str, Completion] = {
     "clac": _clac, "stac": _stac,
     "clflush": _cache_flush, "clflushopt": _cache_flush, "clwb": _cache_flush,
     "xgetbv": _xgetbv, "invpcid": _invpcid, "invlpg": _invlpg,
-    "fwait": _fwait, "wait": _fwait, "rdpru": _rdpru,
+    "fwait": _fwait, "wait": _fwait, "rdpru": _rdpru, "rdtscp": _rdtscp,
 }
 
 
@@ -354,8 +374,15 @@ class Assists:
             raise fail("not an emulation failure")
         if not self.enabled:
             raise fail("instruction completion is off")
+        if insn is None and code:
+            # Bytes no decoder knows are no instruction: the CPU raises #UD (e.g. MOVBE
+            # with a register operand, which this backend's emulator gives up on).
+            self.inject(vcpu, sregs, Fault(UD_VECTOR))
+            self.faults["(invalid) #6"] += 1
+            self.completed["(invalid)"] += 1
+            return True
         if insn is None:
-            raise fail("the instruction bytes could not be read or decoded")
+            raise fail("the instruction bytes could not be read")
         name = insn.base_mnemonic
         completion = self.direct.get(name)
         try:
