@@ -13,14 +13,18 @@ goes on as if the CPU had run it:
    - events by injection (KVM_SET_VCPU_EVENTS): `int3` -> #BP and `into`
      -> #OF as exceptions, `int n` -> vector n as an interrupt, each with
      RIP advanced past the instruction (the return address the handler
-     sees, as for a trap-like software interrupt);
+     sees, as for a trap-like software interrupt); `int n` first gets the
+     gate checks a software interrupt makes (#NP, #GP with the IDT error code);
    - simple state changes directly: `clac`/`stac` flip RFLAGS.AC;
      `clflush`/`clflushopt`/`clwb` are no-ops on guest RAM (after the
      operand's page walk, which can #PF); `xgetbv` reads KVM_GET_XCRS;
      `invpcid`/`invlpg` check their operands like the CPU and then force a
      TLB flush (see `flush_tlb`); `fwait` raises a pending x87 exception
      or does nothing; `rdpru` is #UD when the CPU has no RDPRU; `rdtscp`
-     reads the guest's IA32_TSC and TSC_AUX with KVM_GET_MSRS;
+     reads the guest's IA32_TSC and TSC_AUX with KVM_GET_MSRS; VEX moves of
+     whole XMM/YMM registers (`vmovdqa`, `vmovdqu`, `vmovaps`, ... and the
+     non-temporal forms) and `vzeroupper`/`vzeroall` work on the XSAVE image
+     (KVM_GET_XSAVE / KVM_SET_XSAVE), since Unicorn has no AVX;
    - everything else once in Unicorn over the guest's own memory
      (`kvmpy.x86.emulate`), MMIO operands going to `mmio_bus`.
 4. A fault raised while completing (#PF on the memory operand, #GP, #UD ...)
@@ -123,14 +127,10 @@ def _into(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fa
 
 def _int_n(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
     vector = insn.imms[0] & 0xFF
-    cpl = _cpl(sregs)
-    if cpl and sregs.cr0 & 1:
-        # A software interrupt checks the gate's DPL against CPL (SDM vol. 3A, 6.12.1.1).
-        size = 16 if sregs.efer & (1 << 10) else 8
-        gate = a.read_linear(vcpu, sregs, sregs.idt.base + vector * size, 8)
-        dpl = (gate[5] >> 5) & 3 if gate is not None else 0
-        if gate is None or dpl < cpl:
-            return Fault(GP_VECTOR, vector * 8 + 2)
+    if sregs.cr0 & 1:
+        fault = a.check_gate(vcpu, sregs, vector)
+        if fault is not None:
+            return fault
     _advance(vcpu, regs, insn)
     # Injected as an event with RIP already past `int n`: the handler's frame
     # holds the next instruction and no error code is pushed, as for `int n`
@@ -253,6 +253,82 @@ def _rdtscp(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> 
     return None
 
 
+# VEX moves of whole XMM/YMM registers, completed on the XSAVE image KVM keeps
+# (Unicorn 2.1 has no AVX). Aligned forms #GP(0) on a misaligned operand.
+_AVX_MOVES = {"vmovdqa": True, "vmovdqu": False, "vmovaps": True, "vmovups": False, "vmovapd": True,
+              "vmovupd": False, "vmovntdq": True, "vmovntdqa": True, "vmovntps": True, "vmovntpd": True}
+_XSAVE_XMM, _XSAVE_HDR, _XSAVE_YMM_HI = 160, 512, 576
+XCR0_SSE_AVX = 0x6
+
+
+def _avx_state(a: Assists, vcpu: Any, sregs: Any) -> tuple[bytearray | None, Fault | None]:
+    if not sregs.cr4 & CR4_OSXSAVE or vcpu.get_xcrs().get(0, 1) & XCR0_SSE_AVX != XCR0_SSE_AVX:
+        return None, Fault(UD_VECTOR)
+    if sregs.cr0 & CR0_TS:
+        return None, Fault(NM_VECTOR)
+    xs = bytearray(vcpu.get_xsave())
+    bv = int.from_bytes(xs[_XSAVE_HDR:_XSAVE_HDR + 8], "little")
+    if not bv & 2:
+        xs[_XSAVE_XMM:_XSAVE_XMM + 256] = bytes(256)
+    if not bv & 4:
+        xs[_XSAVE_YMM_HI:_XSAVE_YMM_HI + 256] = bytes(256)
+    xs[_XSAVE_HDR:_XSAVE_HDR + 8] = (bv | XCR0_SSE_AVX).to_bytes(8, "little")
+    return xs, None
+
+
+def _vreg_get(xs: bytearray, name: str) -> bytes:
+    i = int(name[3:])
+    lo = bytes(xs[_XSAVE_XMM + 16 * i:_XSAVE_XMM + 16 * i + 16])
+    return lo + bytes(xs[_XSAVE_YMM_HI + 16 * i:_XSAVE_YMM_HI + 16 * i + 16]) if name.startswith("ymm") else lo
+
+
+def _vreg_set(xs: bytearray, name: str, data: bytes) -> None:
+    i = int(name[3:])
+    xs[_XSAVE_XMM + 16 * i:_XSAVE_XMM + 16 * i + 16] = data[:16]
+    hi = data[16:32] if name.startswith("ymm") else bytes(16)  # VEX.128 zeroes bits 255:128
+    xs[_XSAVE_YMM_HI + 16 * i:_XSAVE_YMM_HI + 16 * i + 16] = hi
+
+
+def _avx_move(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if any(not r.startswith(("xmm", "ymm")) or int(r[3:]) > 15 for r in insn.regs):
+        raise CannotComplete("only XMM0-15/YMM0-15 operands are modelled")
+    xs, fault = _avx_state(a, vcpu, sregs)
+    if fault is not None:
+        return fault
+    assert xs is not None
+    width = 32 if any(r.startswith("ymm") for r in insn.regs) else 16
+    if insn.mems:
+        linear = effective_address(insn, insn.mems[0], regs, sregs)
+        if _AVX_MOVES[insn.base_mnemonic] and linear % width:
+            return Fault(GP_VECTOR, 0)
+        if insn.op_str.startswith(("xmmword", "ymmword")):  # store: memory destination
+            if not a.write_linear(sregs, linear, _vreg_get(xs, insn.regs[0])):
+                return Fault(PF_VECTOR, a.pf_error_code(linear, sregs, write=True), linear)
+        else:
+            data = a.read_linear(vcpu, sregs, linear, width)
+            if data is None:
+                return Fault(PF_VECTOR, a.pf_error_code(linear, sregs, write=False), linear)
+            _vreg_set(xs, insn.regs[0], data)
+    else:
+        _vreg_set(xs, insn.regs[0], _vreg_get(xs, insn.regs[1]))
+    vcpu.set_xsave(bytes(xs))
+    _advance(vcpu, regs, insn)
+    return None
+
+
+def _vzero(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    xs, fault = _avx_state(a, vcpu, sregs)
+    if fault is not None:
+        return fault
+    assert xs is not None
+    xs[_XSAVE_YMM_HI:_XSAVE_YMM_HI + 256] = bytes(256)
+    if insn.base_mnemonic == "vzeroall":
+        xs[_XSAVE_XMM:_XSAVE_XMM + 256] = bytes(256)
+    vcpu.set_xsave(bytes(xs))
+    _advance(vcpu, regs, insn)
+    return None
+
+
 def _canonical(address: int) -> bool:
     top = address >> 47
     return top == 0 or top == (1 << 17) - 1
@@ -264,6 +340,8 @@ DIRECT: dict[str, Completion] = {
     "clflush": _cache_flush, "clflushopt": _cache_flush, "clwb": _cache_flush,
     "xgetbv": _xgetbv, "invpcid": _invpcid, "invlpg": _invlpg,
     "fwait": _fwait, "wait": _fwait, "rdpru": _rdpru, "rdtscp": _rdtscp,
+    "vzeroall": _vzero, "vzeroupper": _vzero,
+    **{m: _avx_move for m in _AVX_MOVES},
 }
 
 
@@ -306,6 +384,30 @@ class Assists:
             return None
         return bytes(out)
 
+    def write_linear(self, sregs: Any, linear: int, data: bytes) -> bool:
+        """Store `data` at a linear address through the page tables; False if a page is unmapped.
+
+        Every page is translated before anything is written, so a fault leaves memory as it was.
+        """
+        if self.memory is None:
+            return False
+        pieces = []
+        offset = 0
+        try:
+            while offset < len(data):
+                gpa = self.memory.translate(linear + offset, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4,
+                                            efer=sregs.efer)
+                n = min(len(data) - offset, 4096 - (gpa & 0xFFF))
+                if not self.memory.is_ram(gpa, n):
+                    raise CannotComplete(f"store to non-RAM GPA {gpa:#x} from a directly completed instruction")
+                pieces.append((gpa, data[offset:offset + n]))
+                offset += n
+        except GuestMemoryError:
+            return False
+        for gpa, piece in pieces:
+            self.memory.write(gpa, piece)
+        return True
+
     def pf_error_code(self, linear: int, sregs: Any, *, write: bool) -> int:
         from .x86.emulate import page_fault_error_code
         return page_fault_error_code(self.memory, linear, sregs, write=write)
@@ -319,6 +421,33 @@ class Assists:
             self.memory.translate(linear, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4, efer=sregs.efer)
         except GuestMemoryError:
             return Fault(PF_VECTOR, self.pf_error_code(linear, sregs, write=write), linear)
+        return None
+
+    def check_gate(self, vcpu: Any, sregs: Any, vector: int) -> Fault | None:
+        """The checks of a software interrupt through the protected-mode IDT (SDM vol. 3A, 6.12.1.1).
+
+        Done here because the event is injected as an interrupt: the gate must
+        be present (#NP(vector*8+2)), its DPL >= CPL (#GP(vector*8+2)), and its
+        code segment present (#NP(selector)). The error codes have EXT = 0.
+        """
+        long_mode = bool(sregs.efer & (1 << 10))
+        size = 16 if long_mode else 8
+        idt_error = vector * 8 + 2
+        if vector * size + size - 1 > sregs.idt.limit:
+            return Fault(GP_VECTOR, idt_error)
+        gate = self.read_linear(vcpu, sregs, sregs.idt.base + vector * size, 8)
+        if gate is None:
+            return None  # the IDT page is not mapped: let KVM's delivery raise what it raises
+        if not gate[5] & 0x80:
+            return Fault(11, idt_error)  # #NP
+        if (gate[5] >> 5) & 3 < _cpl(sregs):
+            return Fault(GP_VECTOR, idt_error)
+        selector = int.from_bytes(gate[2:4], "little")
+        if selector & 4 or selector < 4:
+            return None  # LDT or null selector: left to KVM
+        desc = self.read_linear(vcpu, sregs, sregs.gdt.base + (selector & ~7), 8)
+        if desc is not None and (selector | 7) <= sregs.gdt.limit and not desc[5] & 0x80:
+            return Fault(11, selector & 0xFFFC)
         return None
 
     def cpuid(self, vcpu: Any, function: int, index: int) -> tuple[int, int, int, int]:
@@ -365,6 +494,13 @@ class Assists:
         bits = _BITS[mode]
         code = self.instruction_bytes(vcpu, exit, regs, sregs) if exit.is_emulation_failure else b""
         insn = self.decoder.decode(code, bits) if code else None
+        if insn is None and exit.insn_bytes:
+            # KVM reports the bytes it fetched before giving up, which can be fewer than
+            # the instruction has: read them again through the guest's page tables.
+            fetched = self.read_linear(vcpu, sregs, sregs.cs.base + regs.rip, 15)
+            if fetched:
+                code = fetched
+                insn = self.decoder.decode(code, bits)
 
         def fail(why: str) -> GuestError:
             return GuestError(f"{exit.describe()}: {why}", vcpu=vcpu.id, rip=regs.rip, mode=mode,
@@ -406,6 +542,7 @@ class Assists:
         self.completed[name] += 1
         self.seconds[name] += time.perf_counter() - start
         return True
+
 
     def inject(self, vcpu: Any, sregs: Any, fault: Fault) -> None:
         """Deliver `fault` (RIP still at the instruction): CR2 first for #PF, then the exception."""

@@ -215,6 +215,9 @@ class UnicornExecutor:
 
     def execute(self, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
         """Execute `insn` at regs.rip; on success the vCPU's registers are updated."""
+        if insn.mnemonic.startswith("v") and insn.touches_fpu:
+            # VEX-encoded: Unicorn 2.1 implements hardly any, and kvmpy copies no YMM upper halves.
+            raise UnicornUnsupported("VEX-encoded (AVX) instructions are not executed in Unicorn")
         engine = self._engine(sregs)
         uc = engine.uc
         try:

@@ -406,3 +406,46 @@ def test_completion_cost_is_recorded(kvm):
             assert seconds > 0
     finally:
         r.close()
+
+
+def test_int_n_through_a_not_present_gate_raises_np_with_the_idt_error_code(kvm):
+    r = _fault_runner(kvm, "int $0x30", vectors=(11,))  # gate 0x30 is empty: not present
+    try:
+        r.run({})
+        error, _, _, rip = r.g.port.values(4)
+        assert error == 0x30 * 8 + 2  # IDT flag (bit 1), EXT = 0: a software interrupt
+        assert _mnemonic_at(r, rip) == "int"
+    finally:
+        r.close()
+
+
+def test_vmovdqa_ymm_load_copy_store_keeps_all_256_bits(kvm):
+    if " avx " not in open("/proc/cpuinfo").read(8192):
+        pytest.skip("no AVX on this host")
+    pattern = bytes(range(32))
+    body = f"""
+        mov %cr4, %rax
+        or $0x40000, %rax           # OSXSAVE
+        mov %rax, %cr4
+        xor %ecx, %ecx
+        xor %edx, %edx
+        mov $7, %eax                # x87 | SSE | AVX
+        xsetbv
+        mov %rsi, %rax
+        and $-32, %rax
+        add $32, %rax               # a 32-byte aligned slot inside the buffer
+        vmovdqu (%rsi), %ymm3
+        vmovdqa %ymm3, %ymm7
+        vmovdqa %ymm7, (%rax)
+        vzeroupper
+        vmovdqu %ymm3, %ymm5
+        vmovdqu %ymm5, 0(%rsi)
+    """
+    r = GuestRunner(kvm, body)
+    try:
+        _, mem = r.run({}, pattern + bytes(32))
+        aligned = (BUF_GPA & ~31) + 32 - BUF_GPA
+        assert mem[aligned:aligned + 32] == pattern
+        assert mem[:32] == pattern[:16] + bytes(16)  # vzeroupper cleared bits 255:128
+    finally:
+        r.close()
