@@ -101,6 +101,36 @@ class VirtioDevices:
     def cmdline(self) -> list[str]:
         return [s.cmdline for s in self.slots]
 
+    def set_fast_path(self, *, ioeventfd: bool, irqfd: bool) -> None:
+        """Switch every device between ioeventfd/irqfd and the fallback while the guest runs.
+
+        A notify written during the switch either signals the eventfd or
+        exits to the vCPU thread; both reach the device. Benchmarks use this to
+        compare the two paths within one boot.
+        """
+        for s in self.slots:
+            if ioeventfd and not s.notify_fds:
+                for i in range(len(s.transport.queues)):
+                    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                    s.notify_fds.append(efd)
+                    self.iothread.add_eventfd(efd, lambda t=s.transport, i=i: t.notify(i))
+                    self.vm.ioeventfd(efd, s.base + Register.QUEUE_NOTIFY, 4, datamatch=i)
+            elif not ioeventfd and s.notify_fds:
+                for i, fd in enumerate(s.notify_fds):
+                    self.vm.ioeventfd(fd, s.base + Register.QUEUE_NOTIFY, 4, datamatch=i, deassign=True)
+                    self.iothread.remove(fd)
+                    os.close(fd)
+                s.notify_fds.clear()
+                for i in range(len(s.transport.queues)):
+                    s.transport.notify(i)  # a notify the I/O thread had not read yet must not be lost
+            if irqfd != isinstance(s.interrupt, IrqfdInterrupt):
+                new = IrqfdInterrupt(self.vm, s.gsi) if irqfd else IrqLineInterrupt(self.vm, s.gsi)
+                with s.transport.lock:
+                    old, s.interrupt = s.interrupt, new
+                    s.transport.interrupt = new
+                old.close()
+        self.ioeventfd, self.irqfd = ioeventfd, irqfd
+
     def close(self) -> None:
         """Unwire and close every device (call after the vCPUs stopped)."""
         vm_open = getattr(self.vm, "fd", -1) >= 0
