@@ -192,6 +192,8 @@ def _xgetbv(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> 
 
 
 def _invpcid(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
+    if not a.cpuid(vcpu, 7, 0)[1] & (1 << 10):
+        return Fault(UD_VECTOR)  # as KVM on VT-x: "enable INVPCID" follows the guest's CPUID
     if _cpl(sregs):
         return Fault(GP_VECTOR, 0)
     kind = read_register(regs, insn.regs[0])
@@ -241,6 +243,8 @@ MSR_TSC_AUX = 0xC000_0103
 
 def _rdtscp(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
     # The guest's TSC and TSC_AUX as KVM keeps them (Unicorn's own clock would be wrong).
+    if not a.cpuid(vcpu, 0x8000_0001, 0)[3] & (1 << 27):
+        return Fault(UD_VECTOR)  # as KVM: RDTSCP follows the guest's CPUID
     if sregs.cr4 & (1 << 2) and _cpl(sregs):  # CR4.TSD at CPL > 0
         return Fault(GP_VECTOR, 0)
     msrs = vcpu.get_msrs([MSR_IA32_TSC, MSR_TSC_AUX])
