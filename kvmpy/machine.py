@@ -31,6 +31,8 @@ from .bus import Bus, mmio_bus, pio_bus
 from .devices.i8042 import I8042
 from .devices.rtc import CmosRtc
 from .devices.serial import Serial16550
+from .devices.virtio.attach import VirtioDevices, attach_virtio
+from .devices.virtio.iothread import IoThread
 from .errors import BootError, GuestError, KvmError
 from .exits import Exit, IntrExit, ShutdownExit, SystemEventExit
 from .kvm import Kvm
@@ -99,6 +101,10 @@ class MachineConfig:
     cpus: int = 1
     quirks: str = "auto"  # auto | pvm | none
     entry: str = "auto"  # auto | linux64 | pvh
+    # -- virtio hook (issue 5; minimal, until disks/nets/vsock options exist) --
+    # `kvmpy.devices.virtio` devices (BlockDevice, NetDevice, EntropyDevice,
+    # VsockDevice), attached in order at 0xd0000000 + n*4K, GSI 5, 6, 7, 9, ...
+    devices: list = field(default_factory=list)
 
     def validate(self) -> None:
         mem = parse_size(self.memory) if isinstance(self.memory, str) else self.memory
@@ -183,6 +189,7 @@ class Machine:
             self.vm: Vm = self.kvm.create_vm()
             self._build_vm()
         except BaseException:
+            self._detach_virtio()
             self.memory.close()
             raise
 
@@ -194,6 +201,9 @@ class Machine:
             words.append(self.quirks.cmdline)
         if self.quirks.tsc_khz_on_cmdline and tsc_khz:
             words.append(f"tsc_early_khz={tsc_khz}")
+        virtio = getattr(self, "virtio", None)  # virtio hook: virtio_mmio.device=4K@...:<gsi>
+        if virtio is not None:
+            words.extend(virtio.cmdline)
         return " ".join(w for w in words if w)
 
     def _build_vm(self) -> None:
@@ -212,6 +222,7 @@ class Machine:
         self.pio.register(I8042_PORT, I8042_PORTS, self.i8042, "i8042")
         self.rtc = CmosRtc()
         self.pio.register(RTC_PORT, 2, self.rtc, "CMOS RTC")
+        self._attach_virtio()
 
         supported = self.kvm.get_supported_cpuid()
         self.vcpus: list[Vcpu] = []
@@ -232,9 +243,28 @@ class Machine:
 
         if self._restoring:
             return
-        if self.quirks.tsc_khz_on_cmdline:
+        if self.quirks.tsc_khz_on_cmdline or self.virtio is not None:
             self._rewrite_cmdline(self._cmdline(self.vcpus[0].get_tsc_khz()))
         self._setup_boot_cpu(self.vcpus[0])
+
+    # -- virtio hook (issue 5) ----------------------------------------------------
+
+    def _attach_virtio(self) -> None:
+        """Wire `config.devices` to the MMIO bus, ioeventfd/irqfd and one I/O thread."""
+        self.virtio: VirtioDevices | None = None
+        self.iothread: IoThread | None = None
+        if not self.config.devices:
+            return
+        self.iothread = IoThread()
+        self.virtio = attach_virtio(self.vm, self.memory, self.mmio, self.config.devices, iothread=self.iothread)
+
+    def _detach_virtio(self) -> None:
+        if getattr(self, "virtio", None) is not None:
+            self.virtio.close()
+            self.virtio = None
+        if getattr(self, "iothread", None) is not None:
+            self.iothread.close()
+            self.iothread = None
 
     def _rewrite_cmdline(self, cmdline: str) -> None:
         # The loader placed and measured the command line before the VM
@@ -385,6 +415,7 @@ class Machine:
         if self.stats_source is not None:
             self.stats_source.close()
             self.stats_source = None
+        self._detach_virtio()
         self.vm.close()
         self.memory.close()
         if self._own_kvm:

@@ -1,6 +1,6 @@
 """End to end: the real guest kernel with virtio-blk, virtio-net over a real TAP, virtio-rng and vsock.
 
-One boot serves every test here (a boot costs minutes on the software KVM
+The machine is kvmpy's `Machine` with `MachineConfig.devices`. One boot serves every test here (a boot costs minutes on the software KVM
 backend). The machine has no initramfs: its root file system is an ext4
 image made by `make_ext4_image` from a directory holding busybox, kvmpy's
 /init and a small static vsock client, and the kernel mounts it read-write
@@ -31,7 +31,7 @@ import pytest
 
 from kvmpy.boot.initramfs import INIT_MARKER
 from kvmpy.disk import ext4_mount_count, make_ext4_image, populate_busybox_root, read_file_from_image
-from kvmpy.machine import Machine, MachineConfig
+from kvmpy.machine import DEFAULT_CMDLINE, Machine, MachineConfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm]
 
@@ -147,18 +147,6 @@ def ping(address: str, count: int = 5, timeout: float = 20.0) -> int:
     return replies
 
 
-def _attach(machine: Machine, devices: list, extra_cmdline: str):
-    """Wire virtio devices into an assembled Machine (until Machine grows its own `devices` option)."""
-    from kvmpy.devices.virtio.attach import attach_virtio
-    from kvmpy.devices.virtio.iothread import IoThread
-
-    iothread = IoThread()
-    attached = attach_virtio(machine.vm, machine.memory, machine.mmio, devices, iothread=iothread)
-    current = machine.memory.read(machine.boot.cmdline_addr, 2048).split(b"\0")[0].decode()
-    machine._rewrite_cmdline(" ".join([current, *attached.cmdline, extra_cmdline]))
-    return attached, iothread
-
-
 @pytest.fixture(scope="module")
 def session(tmp_path_factory) -> Session:
     import kvmpy
@@ -203,16 +191,16 @@ def session(tmp_path_factory) -> Session:
     threading.Thread(target=serve, daemon=True).start()
 
     kernel = build_kernel(progress=False).vmlinux
-    config = MachineConfig(kernel=kernel, initrd=None, memory="256M", cpus=1)
     tap = Tap(host_address=f"{HOST_IP}/24")
     blk = BlockDevice(image)
     net = NetDevice(tap.fd, GUEST_MAC, owner=tap)
     rng = EntropyDevice()
     vsock = VsockDevice(uds, GUEST_CID)
+    cmdline = (f"{DEFAULT_CMDLINE} root=/dev/vda rw rootfstype=ext4 init=/init "
+               f"ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off")
+    config = MachineConfig(kernel=kernel, initrd=None, cmdline=cmdline, memory="256M", cpus=1,
+                           devices=[blk, net, rng, vsock])
     machine = Machine(config)
-    attached, iothread = _attach(
-        machine, [blk, net, rng, vsock],
-        f"root=/dev/vda rw rootfstype=ext4 init=/init ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off")
     replies = 0
     host_initiated: list[bytes] = []
     try:
@@ -262,13 +250,11 @@ def session(tmp_path_factory) -> Session:
             "net": dict(rx=net.rx_packets, tx=net.tx_packets),
             "rng": dict(bytes=rng.bytes_served),
             "vsock": dict(packets_in=vsock.packets_in, packets_out=vsock.packets_out),
-            "errors": [s.transport.last_error for s in attached.slots if s.transport.last_error],
+            "errors": [s.transport.last_error for s in machine.virtio.slots if s.transport.last_error],
         }
     finally:
         machine.stop()
-        attached.close()
-        iothread.close()
-        machine.close()
+        machine.close()  # closes the devices (and the TAP with the net device)
         listener.close()
     return Session(machine.console.text(), outcome, image, mount_count_before, replies,
                    host_got[0] if host_got else b"", host_initiated, devices, client is not None)
