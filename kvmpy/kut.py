@@ -59,8 +59,8 @@ CPU_FEATURES: dict[str, tuple[int, int, str, int]] = {
     "movbe": (1, 0, "ecx", 22), "popcnt": (1, 0, "ecx", 23), "xsave": (1, 0, "ecx", 26),
     "invpcid": (7, 0, "ebx", 10), "umip": (7, 0, "ecx", 2), "smap": (7, 0, "ebx", 20),
     "smep": (7, 0, "ebx", 7), "pku": (7, 0, "ecx", 3), "rdpid": (7, 0, "ecx", 22),
-    "rdtscp": (0x8000_0001, 0, "edx", 27), "svm": (0x8000_0001, 0, "ecx", 2), "vmx": (1, 0, "ecx", 5),
-}
+    "rdtscp": (0x8000_0001, 0, "edx", 27),
+}  # not +vmx/+svm: kvmpy offers no nested virtualization, so those stay as the host has them
 
 
 # -- unittests.cfg ----------------------------------------------------------------------
@@ -272,7 +272,9 @@ class KutMachine:
         self.pio.register(FW_CFG_PORT_SEL, FW_CFG_PORTS, self.fw_cfg, "fw_cfg")
         self.testdev = PcTestDev(irq_line=lambda n, level: vm.irq_line(n, level))
         self.testdev.register(self.pio, self.mmio)
-        self.pio.register(acpi.PM1A_EVT_BLK, 8, acpi.Pm1Registers(), "pm1a")
+        self.pio.register(acpi.PM1A_EVT_BLK, 8, acpi.Pm1Registers(on_sleep=self._on_sleep), "pm1a")
+        self.pio.register(0x70, 2, acpi.CmosRtc(), "cmos rtc")
+        self._resume_pending = False
         self.pio.register(acpi.PM_TMR_BLK, 4, acpi.PmTimer(), "pm timer")
 
         self.vcpus = []
@@ -283,8 +285,40 @@ class KutMachine:
             self.vcpus.append(vcpu)
             self.loops.append(VcpuLoop(vcpu, self.pio, self.mmio,
                                        assists=Assists(self.memory, mmio_bus=self.mmio)))
+        from ._kvm import lib
+        self.loops[0].handlers[lib.KVM_EXIT_INTR] = self._resume
         modes.setup_protected_mode(self.vcpus[0], self.memory, boot.rip, stack=0,
                                    regs={"rax": boot.rax, "rbx": boot.rbx})
+
+    def _on_sleep(self, slp_typ: int) -> None:
+        # S3: the boot CPU "wakes" at the firmware waking vector. The `out` that asked
+        # for it must complete first, so the state is changed at the next KVM_RUN's
+        # immediate exit (KVM API: complete pending I/O before KVM_SET_REGS).
+        if slp_typ == 1:
+            self._resume_pending = True
+            self.vcpus[0].run_struct.immediate_exit = 1
+
+    def _resume(self, exit: Any) -> bool:
+        from .x86 import acpi, modes
+        if not self._resume_pending:
+            return True
+        self._resume_pending = False
+        vcpu = self.vcpus[0]
+        vector = self.memory.read_u32(acpi.FACS_WAKING_VECTOR)
+        # The state a BIOS resume path leaves: real mode, CS:IP = vector>>4 : vector&0xf.
+        s = vcpu.get_sregs()
+        for seg, sel, typ in ((s.cs, vector >> 4, 0xB), (s.ds, 0, 3), (s.es, 0, 3), (s.fs, 0, 3),
+                              (s.gs, 0, 3), (s.ss, 0, 3)):
+            seg.selector, seg.base, seg.limit, seg.type = sel, sel << 4, 0xFFFF, typ
+            seg.present, seg.s, seg.dpl, seg.db, seg.l, seg.g, seg.avl, seg.unusable = 1, 1, 0, 0, 0, 0, 0, 0
+        s.cr0 &= ~(modes.CR0_PE | modes.CR0_PG)
+        s.cr4 = 0
+        s.efer = 0
+        vcpu.set_sregs(s)
+        regs = vcpu.get_regs()
+        regs.rip, regs.rflags = vector & 0xF, modes.RFLAGS_RESERVED
+        vcpu.set_regs(regs)
+        return True
 
     def _on_debug_exit(self, code: int) -> None:
         from .devices.testdev import debug_exit_status

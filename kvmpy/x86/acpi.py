@@ -9,13 +9,15 @@ PIIX4 PM device (PM1a event 0x600, control 0x604, timer 0x608).
 
 `PmTimer` is the 24-bit, 3.579545 MHz free-running counter (ACPI 4.7.2.1)
 computed from the host's monotonic clock; `Pm1Registers` keeps PM1a
-status/enable/control values (no sleep states are implemented).
+status/enable/control values and reports an S3 request; `CmosRtc` is the
+little of the CMOS RTC that a wake-up alarm needs.
 """
 
 from __future__ import annotations
 
 import struct
 import time
+from typing import Callable
 
 from ..memory import GuestMemory
 
@@ -95,11 +97,23 @@ class PmTimer:
         pass  # read-only
 
 
-class Pm1Registers:
-    """PM1a event (status, enable) and control blocks: values are kept, nothing sleeps."""
+SLP_EN = 1 << 13
+SLP_TYP_SHIFT = 10
+S3_SLP_TYP = 1  # the value this FADT's (absent) \\_S3 package would give; kvm-unit-tests writes 1
+FACS_WAKING_VECTOR = FACS_ADDR + 12
 
-    def __init__(self) -> None:
+
+class Pm1Registers:
+    """PM1a event (status, enable) and control blocks.
+
+    A write of SLP_EN with SLP_TYP = 1 (S3) calls `on_sleep(1)`: the machine
+    then "resumes" the boot CPU at FACS.firmware_waking_vector in real mode,
+    as firmware does after a wake event (ACPI 1.0b, 9.3.2).
+    """
+
+    def __init__(self, on_sleep: "Callable[[int], None] | None" = None) -> None:
         self.data = bytearray(8)  # 0-1 status, 2-3 enable, 4-5 control
+        self.on_sleep = on_sleep
 
     def read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.data[offset:offset + size], "little")
@@ -111,3 +125,49 @@ class Pm1Registers:
                 self.data[offset + i] &= ~b & 0xFF
             return
         self.data[offset:offset + size] = raw
+        if offset <= 4 < offset + size and self.on_sleep is not None:
+            control = int.from_bytes(self.data[4:6], "little")
+            if control & SLP_EN:
+                self.data[5] &= ~(SLP_EN >> 8) & 0xFF  # SLP_EN reads as 0
+                self.on_sleep((control >> SLP_TYP_SHIFT) & 7)
+
+
+class CmosRtc:
+    """The MC146818 RTC at 0x70/0x71, enough for a guest that waits for an update and sets an alarm.
+
+    Time registers read the host's UTC in BCD; register A's UIP bit is set
+    for the first 10 ms of every host second (so a guest polling it sees the
+    transition); register C reads and clears the (never raised) flags;
+    everything else keeps what was written.
+    """
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.regs = bytearray(128)
+        self.regs[0x0B] = 0x02  # 24-hour mode, BCD
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == 0:
+            return self.index
+        i = self.index & 0x7F
+        now = time.time()
+        if i == 0x0A:
+            return (0x80 if now % 1.0 < 0.010 else 0) | 0x26
+        if i == 0x0C:
+            value, self.regs[0x0C] = self.regs[0x0C], 0
+            return value
+        t = time.gmtime(now)
+        fields = {0: t.tm_sec, 2: t.tm_min, 4: t.tm_hour, 6: t.tm_wday + 1, 7: t.tm_mday, 8: t.tm_mon,
+                  9: t.tm_year % 100, 0x32: t.tm_year // 100}
+        if i in fields:
+            v = fields[i]
+            return ((v // 10) << 4) | (v % 10)
+        if i == 0x0D:
+            return 0x80  # battery good
+        return self.regs[i]
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0:
+            self.index = value & 0xFF
+        else:
+            self.regs[self.index & 0x7F] = value & 0xFF

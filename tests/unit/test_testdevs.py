@@ -91,3 +91,29 @@ def test_pm_timer_counts_up_at_3_58_mhz():
     time.sleep(0.01)
     b = t.read(0, 4)
     assert 0 < (b - a) & 0xFFFFFF < acpi.PM_TIMER_HZ  # some ticks, less than a second's worth
+
+
+def test_pm1_control_write_with_slp_en_requests_the_sleep_type():
+    got = []
+    pm1 = acpi.Pm1Registers(on_sleep=got.append)
+    pm1.write(4, 2, 0x2400)  # SLP_TYP = 1 (S3), SLP_EN
+    assert got == [1]
+    assert pm1.read(4, 2) == 0x0400  # SLP_EN is write-only
+    pm1.write(0, 2, 0xFFFF)  # status bits are write-1-to-clear
+    assert pm1.read(0, 2) == 0
+
+
+def test_cmos_rtc_uip_toggles_and_reg_c_clears():
+    import time
+    rtc = acpi.CmosRtc()
+    seen = set()
+    deadline = time.monotonic() + 2.5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        rtc.write(0, 1, 0x0A)
+        seen.add(rtc.read(1, 1) & 0x80)
+    assert seen == {0, 0x80}
+    rtc.write(0, 1, 0x0C)
+    assert rtc.read(1, 1) == 0
+    rtc.write(0, 1, 0x01)
+    rtc.write(1, 1, 0xC0)
+    assert rtc.read(1, 1) == 0xC0
