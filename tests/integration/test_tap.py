@@ -105,3 +105,21 @@ def test_cleanup_leaves_live_processes_taps_alone():
     with Tap() as tap:
         assert tap.name not in cleanup_stale_taps()
         assert link_exists(tap.name)
+
+
+def test_devices_from_config_creates_and_removes_the_tap():
+    from dataclasses import dataclass
+
+    from kvmpy.devices.virtio.attach import devices_from_config
+
+    @dataclass
+    class Net:
+        tap: str | None
+        mac: str | None
+        host_address: str | None = None
+
+    (net,) = devices_from_config(nets=[Net(None, "52:54:00:00:00:09", "172.31.252.1/24")], rng=False)
+    name = net.owner.name
+    assert link_exists(name) and net.mac == bytes.fromhex("525400000009")
+    net.close()
+    assert not link_exists(name)

@@ -181,3 +181,41 @@ def test_ext4_image_errors_are_clear(tmp_path):
     (tmp_path / "junk.img").write_bytes(bytes(4096))
     with pytest.raises(DiskImageError, match="superblock"):
         ext4_mount_count(tmp_path / "junk.img")
+
+
+def test_disk_argument_parsing():
+    from kvmpy.devices.virtio.attach import parse_disk_arg
+    assert parse_disk_arg("root.img") == ("root.img", False)
+    assert parse_disk_arg("root.img,ro") == ("root.img", True)
+    with pytest.raises(ValueError, match="IMG,ro"):
+        parse_disk_arg("root.img,readonly")
+
+
+def test_devices_from_config_makes_disks_rng_and_vsock(tmp_path, image):
+    from dataclasses import dataclass
+
+    from kvmpy.devices.virtio.attach import devices_from_config
+    from kvmpy.devices.virtio.rng import EntropyDevice
+    from kvmpy.devices.virtio.vsock import VsockDevice
+
+    @dataclass
+    class Vsock:
+        cid: int
+        uds_path: str
+
+    devs = devices_from_config([f"{image},ro", image], vsock=Vsock(7, str(tmp_path / "v.sock")))
+    try:
+        assert [type(d).__name__ for d in devs] == ["BlockDevice", "BlockDevice", "EntropyDevice", "VsockDevice"]
+        assert devs[0].read_only and not devs[1].read_only
+        assert isinstance(devs[2], EntropyDevice) and isinstance(devs[3], VsockDevice) and devs[3].guest_cid == 7
+    finally:
+        for d in devs:
+            d.close()
+
+
+def test_devices_from_config_closes_what_it_made_on_error(tmp_path, image):
+    from kvmpy.devices.virtio.attach import devices_from_config
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="missing.img"):
+        devices_from_config([image, tmp_path / "missing.img"])
+    assert len(os.listdir("/proc/self/fd")) == before

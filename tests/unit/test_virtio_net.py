@@ -123,3 +123,14 @@ def test_mac_parsing():
         parse_mac("02:00:00")
     with pytest.raises(ValueError, match="multicast"):
         parse_mac("01:00:5e:00:00:01")
+
+
+def test_net_argument_parsing():
+    from kvmpy.devices.virtio.attach import parse_net_arg
+    assert parse_net_arg("tap") == {"tap": None, "host_address": None, "mac": None, "bridge": None}
+    assert parse_net_arg("tap=vm0,ip=172.31.0.1/24,mac=52:54:00:00:00:01") == {
+        "tap": "vm0", "host_address": "172.31.0.1/24", "mac": "52:54:00:00:00:01", "bridge": None}
+    with pytest.raises(ValueError, match="only TAP"):
+        parse_net_arg("user")
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_net_arg("tap,speed=10")

@@ -155,6 +155,79 @@ class VirtioDevices:
         self.close()
 
 
+def parse_disk_arg(text: str) -> tuple[str, bool]:
+    """`kvmpy run --disk IMG[,ro]` -> (path, read_only)."""
+    path, _, opts = text.partition(",")
+    if not path or opts not in ("", "ro", "rw"):
+        raise ValueError(f"--disk {text!r}: expected IMG or IMG,ro")
+    return path, opts == "ro"
+
+
+def parse_net_arg(text: str) -> dict[str, str | None]:
+    """`kvmpy run --net tap[=NAME][,ip=ADDR/PREFIX][,mac=MAC][,bridge=BR]` -> Tap/NetDevice keywords."""
+    first, *rest = text.split(",")
+    kind, _, name = first.partition("=")
+    if kind != "tap":
+        raise ValueError(f"--net {text!r}: only TAP networking exists: tap[=NAME][,ip=ADDR/PREFIX][,mac=MAC]")
+    out: dict[str, str | None] = {"tap": name or None, "host_address": None, "mac": None, "bridge": None}
+    keys = {"ip": "host_address", "mac": "mac", "bridge": "bridge"}
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key not in keys or not value:
+            raise ValueError(f"--net {text!r}: unknown option {item!r} (ip=, mac=, bridge=)")
+        out[keys[key]] = value
+    return out
+
+
+def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vsock: Any = None,
+                        rng: bool = True) -> list[VirtioDevice]:
+    """Device objects for a machine config, in the order they get MMIO windows.
+
+    `disks`: objects with `path` and `read_only` (e.g. `kvmpy.microvm.DiskConfig`),
+    paths, or "IMG[,ro]" strings. `nets`: objects with `tap` (a name or None for a
+    generated one) and `mac`, optionally `host_address` and `bridge`, or
+    "tap[=NAME][,ip=...]" strings. `vsock`: an object with `cid` and
+    optionally `uds_path` (default /tmp/kvmpy-<pid>-vsock.sock). On an error
+    the devices made so far are closed again.
+    """
+    from ...net.tap import Tap
+    from .blk import BlockDevice
+    from .net import NetDevice
+    from .rng import EntropyDevice
+    from .vsock import VsockDevice
+
+    made: list[VirtioDevice] = []
+    try:
+        for d in disks:
+            if isinstance(d, str):
+                path, ro = parse_disk_arg(d)
+            elif isinstance(d, os.PathLike):
+                path, ro = d, False
+            else:
+                path, ro = d.path, bool(d.read_only)
+            made.append(BlockDevice(path, read_only=ro))
+        for n in nets:
+            opts = parse_net_arg(n) if isinstance(n, str) else {
+                "tap": getattr(n, "tap", None), "mac": getattr(n, "mac", None),
+                "host_address": getattr(n, "host_address", None), "bridge": getattr(n, "bridge", None)}
+            tap = Tap(opts["tap"], host_address=opts["host_address"], bridge=opts["bridge"])
+            try:
+                made.append(NetDevice(tap.fd, opts["mac"], owner=tap))
+            except BaseException:
+                tap.close()
+                raise
+        if rng:
+            made.append(EntropyDevice())
+        if vsock is not None:
+            uds = getattr(vsock, "uds_path", None) or f"/tmp/kvmpy-{os.getpid()}-vsock.sock"
+            made.append(VsockDevice(uds, vsock.cid))
+    except BaseException:
+        for dev in made:
+            dev.close()
+        raise
+    return made
+
+
 def gsis(first: int = DEFAULT_FIRST_GSI) -> Iterable[int]:
     """The GSIs devices get, in order: `first`..15 without 8 and 12."""
     return (g for g in range(first, LAST_GSI + 1) if g not in _SKIP_GSIS)
@@ -198,4 +271,4 @@ def attach_virtio(vm: Any, memory: GuestMemory, mmio_bus: Bus, devices: Iterable
 
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_FIRST_GSI", "IrqLineInterrupt", "IrqfdInterrupt", "VirtioDevices",
-           "VirtioSlot", "attach_virtio", "gsis"]
+           "VirtioSlot", "attach_virtio", "devices_from_config", "gsis", "parse_disk_arg", "parse_net_arg"]
