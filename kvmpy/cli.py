@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="boot entry for an ELF vmlinux (default: 64-bit boot protocol)")
     run.add_argument("--quirks", choices=["auto", "pvm", "none"], default="auto",
                      help="host workarounds: detect (auto), force the PVM set, or none")
+    run.add_argument("--disk", action="append", default=[], metavar="IMG[,ro]",
+                     help="a virtio-blk disk on a raw image (repeatable; the first is /dev/vda)")
+    run.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,ip=A/P][,mac=M][,bridge=B]",
+                     help="a virtio-net NIC on a TAP device kvmpy creates (repeatable; removed at exit)")
+    run.add_argument("--vsock", type=int, metavar="CID",
+                     help="a virtio-vsock device with this guest CID (host side: AF_UNIX sockets)")
+    run.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's urandom")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
     run.add_argument("--quiet", action="store_true", help="no kvmpy messages on stderr")
 
@@ -118,10 +125,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         kernel = built_kernel
         initrd = initrd or built_initrd
     cmdline = " ".join(w for w in (args.cmdline, args.append) if w)
+    devices = _devices(args)
     config = MachineConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=args.mem,
-                           cpus=args.cpus, quirks=args.quirks, entry=args.entry)
+                           cpus=args.cpus, quirks=args.quirks, entry=args.entry, devices=devices)
     out_fd = sys.stdout.fileno()
-    machine = Machine(config, console=lambda b: _write_all(out_fd, b))
+    try:
+        machine = Machine(config, console=lambda b: _write_all(out_fd, b))
+    except BaseException:
+        for device in devices:  # the machine never took them: TAPs must not outlive us
+            device.close()
+        raise
     if not args.quiet:
         print(f"kvmpy: {kernel.name}, {args.mem} RAM, {args.cpus} vCPU(s), "
               f"{machine.quirks.describe()}; Ctrl-A x quits", file=sys.stderr)
@@ -132,6 +145,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\r\nkvmpy: guest {outcome.status.value}" + (f": {outcome.detail}" if outcome.detail else ""),
               file=sys.stderr)
     return outcome.exit_code
+
+
+def _devices(args: argparse.Namespace) -> list:
+    if not (args.disk or args.net or args.vsock is not None or args.rng):
+        return []
+    from .devices.virtio.attach import devices_from_config
+
+    vsock = argparse.Namespace(cid=args.vsock, uds_path=None) if args.vsock is not None else None
+    try:
+        return devices_from_config(disks=args.disk, nets=args.net, vsock=vsock, rng=args.rng)
+    except (ValueError, OSError) as e:
+        raise BootError(str(e)) from e
 
 
 def _wait(machine: Machine, timeout: float | None, console: "_Console") -> Outcome:

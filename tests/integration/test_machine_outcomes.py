@@ -118,3 +118,28 @@ def test_kvmpy_run_reports_a_missing_kernel_clearly(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(tmp_path / "nope")],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True)
     assert p.returncode == 1 and "no such file" in p.stderr
+
+
+def test_kvmpy_run_attaches_virtio_devices_and_names_them_on_the_command_line(tmp_path, kvm):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    p = subprocess.run([sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(_elf(tmp_path, "poweroff")),
+                        "--mem", "64M", "--disk", f"{image},ro", "--rng", "--timeout", "60"],
+                       stdin=subprocess.DEVNULL, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    from kvmpy.devices.virtio.attach import devices_from_config
+    devices = devices_from_config(disks=[f"{image},ro"], rng=True)
+    with Machine(MachineConfig(kernel=_elf(tmp_path, "poweroff"), memory="64M", devices=devices), kvm=kvm) as m:
+        cmdline = m.memory.read(m.boot.cmdline_addr, 2048).split(b"\0")[0].decode()
+    assert cmdline.count("virtio_mmio.device=4K@0x") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--disk", "/nonexistent/disk.img"], "/nonexistent/disk.img"),
+    (["--disk", "x.img,rw,oops"], "--disk"),
+    (["--net", "vde=foo"], "--net"),
+])
+def test_kvmpy_run_refuses_bad_device_arguments_clearly(tmp_path, args, message):
+    p = subprocess.run([sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(_elf(tmp_path, "spin")),
+                        "--mem", "64M", *args], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert p.returncode == 1 and message in p.stderr, p.stderr
