@@ -27,7 +27,7 @@ CMD_TIMEOUT = 180
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 1; done &"
 # On PVM the guest TSC is the host's (KVM_SET_MSRS of IA32_TSC is ignored), so a
 # restored guest sees its TSC jump by the time since the snapshot; a tick-based
-# clocksource keeps its timekeeping sane across that jump.
+# clocksource keeps the guest's time continuous across that jump (docs/scripting.md).
 CMDLINE = DEFAULT_CMDLINE + " clocksource=refined-jiffies"
 
 
