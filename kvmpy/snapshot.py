@@ -313,40 +313,16 @@ def load_vm(vm: Any, s: dict) -> None:
     vm.set_clock(int(s["clock"]))
 
 
-# Devices written before the protocol existed, saved through their attributes
-# until they grow snapshot_state()/restore_state() of their own (which then win).
-def _rtc_state(dev: Any) -> dict:
-    with dev._lock:
-        return {"index": dev._index, "ram": list(dev._ram), "offset": dev._offset,
-                "staged": {str(k): v for k, v in dev._staged.items()}}
-
-
-def _rtc_restore(dev: Any, s: dict) -> None:
-    with dev._lock:
-        dev._index, dev._ram, dev._offset = s["index"], bytearray(s["ram"]), s["offset"]
-        dev._staged = {int(k): v for k, v in s["staged"].items()}
-
-
-_ADAPTERS: dict[str, tuple[Callable[[Any], dict], Callable[[Any, dict], None]]] = {
-    "CmosRtc": (_rtc_state, _rtc_restore),
-}
-
-
 def _state_of(dev: Any) -> dict:
-    if hasattr(dev, "snapshot_state"):
-        return dev.snapshot_state()
-    return _ADAPTERS[type(dev).__name__][0](dev)
+    return dev.snapshot_state()
 
 
 def _restore(dev: Any, state: dict) -> None:
-    if hasattr(dev, "restore_state"):
-        dev.restore_state(state)
-    else:
-        _ADAPTERS[type(dev).__name__][1](dev, state)
+    dev.restore_state(state)
 
 
 def _snapshottable(dev: Any) -> bool:
-    return (hasattr(dev, "snapshot_state") and hasattr(dev, "restore_state")) or type(dev).__name__ in _ADAPTERS
+    return hasattr(dev, "snapshot_state") and hasattr(dev, "restore_state")
 
 
 def device_key(bus: str, r: Any) -> str:

@@ -125,3 +125,19 @@ class CmosRtc:
         except (ValueError, OverflowError):
             return  # an impossible date: keep the clock as it was, as the chip would not count it
         self._offset = guest - self._clock()
+
+    # -- snapshots (kvmpy/snapshot.py) -------------------------------------------
+
+    def snapshot_state(self) -> dict:
+        """The chip's state as JSON-able values; the clock is kept as its offset from the host's."""
+        with self._lock:
+            return {"index": self._index, "ram": list(self._ram), "offset": self._offset,
+                    "staged": {str(k): v for k, v in self._staged.items()}}
+
+    def restore_state(self, state: dict) -> None:
+        """Load what `snapshot_state` returned."""
+        with self._lock:
+            self._index = int(state["index"])
+            self._ram = bytearray(state["ram"])
+            self._offset = float(state["offset"])
+            self._staged = {int(k): int(v) for k, v in state["staged"].items()}

@@ -79,3 +79,14 @@ def test_register_c_clears_on_read_and_is_read_only():
     rtc = _rtc()
     _write(rtc, REG_C, 0xFF)
     assert _read(rtc, REG_C) == 0
+
+
+def test_snapshot_state_round_trips_the_clock_offset_and_ram():
+    clock = [float(NOW)]
+    rtc = CmosRtc(clock=lambda: clock[0])
+    _write(rtc, HOURS, 0x11)
+    _write(rtc, 0x40, 0x77)
+    state = rtc.snapshot_state()
+    clone = CmosRtc(clock=lambda: clock[0])
+    clone.restore_state(state)
+    assert (_read(clone, HOURS), _read(clone, 0x40)) == (0x11, 0x77)
