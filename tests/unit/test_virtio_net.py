@@ -134,3 +134,20 @@ def test_net_argument_parsing():
         parse_net_arg("user")
     with pytest.raises(ValueError, match="unknown option"):
         parse_net_arg("tap,speed=10")
+
+
+def test_transmit_offloads_are_offered_and_can_be_turned_off(mem):
+    from kvmpy.devices.virtio.net import TX_OFFLOADS, VIRTIO_NET_F_CSUM
+    assert NetDevice(-1).features & TX_OFFLOADS == TX_OFFLOADS
+    assert not NetDevice(-1, tx_offloads=False).features & VIRTIO_NET_F_CSUM
+
+
+def test_gso_frame_goes_to_the_tap_with_its_header_unchanged(net):
+    dev, t, drv, host = net
+    # NEEDS_CSUM, GSO_TCPV4, hdr_len 54, gso_size 1448, csum_start 34, csum_offset 16, num_buffers 0
+    hdr = struct.pack("<BBHHHHH", 1, 1, 54, 1448, 34, 16, 0)
+    frame = FRAME + bytes(4000)
+    tx = drv.queues[1]
+    head, _ = tx.add([hdr, frame[:1000], frame[1000:]])
+    assert tx.used_entries() == [(head, 0)]
+    assert host.recv(8192) == hdr + frame
