@@ -415,18 +415,22 @@ def verdict_of(status: int | None, output: str, timed_out: bool) -> tuple[str, s
     kvmpy_err = next((ln for ln in lines if ln.startswith("kvmpy:") and "completed" not in ln
                       and "ignored" not in ln), "")
     summary = next((ln for ln in reversed(lines) if ln.startswith("SUMMARY:")), "")
+    vmm_error = next((ln for ln in lines if ln.startswith("qemu-system") and "warning" not in ln), "")
     if timed_out:
         return "TIMEOUT", first_fail or kvmpy_err or (lines[-1] if lines else "")
     if status == 1:
+        if vmm_error:  # QEMU's own errors also exit 1 (scripts/runtime.bash checks stderr too)
+            return "FAIL", vmm_error
         return "PASS", summary
     if status == 77:
         skip = next((ln for ln in reversed(lines) if ln.startswith("SKIP:")), "")
         return "SKIP", skip or summary
     if status == 127:
-        return "FAIL", first_fail or next((ln for ln in lines if "xception" in ln), "") or "aborted"
+        unhandled = next((ln for ln in lines if ln.startswith("Unhandled exception")), "")
+        return "FAIL", first_fail or unhandled or vmm_error or "aborted"
     if status == 3:
         return "FAIL", first_fail or summary
-    return "FAIL", kvmpy_err or first_fail or f"exit status {status}"
+    return "FAIL", kvmpy_err or first_fail or vmm_error or f"exit status {status}"
 
 
 def pre_skip(test: KutTest, root: Path, *, include_nodefault: bool) -> str | None:

@@ -123,3 +123,14 @@ def test_table_has_one_row_per_test_and_totals():
     assert "kvmpy: PASS 1" in text and "qemu: TIMEOUT 1" in text
     md = format_table(rows, markdown=True)
     assert md.startswith("| test | kvmpy |")
+
+
+def test_qemu_error_with_status_one_is_not_a_pass():
+    out = "qemu-system-x86_64: warning: host doesn't support X\nqemu-system-x86_64: Property 'y' not found\n"
+    assert verdict_of(1, out, False) == ("FAIL", "qemu-system-x86_64: Property 'y' not found")
+    assert verdict_of(1, "qemu-system-x86_64: warning: z\nSUMMARY: 1 tests\n", False)[0] == "PASS"
+
+
+def test_abort_reports_the_unhandled_exception_not_a_pass_line():
+    out = "PASS: no exception from smsw\nUnhandled exception 6 #UD(0) at ip 4002ee\n"
+    assert verdict_of(127, out, False) == ("FAIL", "Unhandled exception 6 #UD(0) at ip 4002ee")
