@@ -21,6 +21,7 @@ from typing import Sequence
 from .errors import BootError, KvmError
 from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome
 from .platform import detect_backend, resolve_quirks
+from . import kut
 from .stats import stat_cli
 
 ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU)
@@ -32,7 +33,8 @@ Debian's linux-source and a busybox initramfs, and boots those.
 The console is the guest's COM1 on your terminal. Press Ctrl-A then x to
 stop the VM. Exit status: 0 guest powered off, 1 error, 3 guest rebooted
 (the VM stops instead of restarting), 4 guest kernel panic, 130 stopped
-from the host (Ctrl-A x, Ctrl-C, --timeout).
+from the host (Ctrl-A x, Ctrl-C, --timeout), and (code << 1) | 1 when the
+guest wrote code to --debug-exit, as QEMU.
 
 Host quirks: on a software KVM backend (PVM) kvmpy completes instructions
 the backend cannot emulate and adds command-line feature masks; on VT-x or
@@ -53,8 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--append", default="", help="words added to the command line")
     run.add_argument("--mem", default="128M", help="guest memory, e.g. 256M or 1G (default: %(default)s)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default: %(default)s)")
-    run.add_argument("--entry", choices=["auto", "linux64", "pvh"], default="auto",
-                     help="boot entry for an ELF vmlinux (default: 64-bit boot protocol)")
+    run.add_argument("--entry", choices=["auto", "linux64", "pvh", "multiboot"], default="auto",
+                     help="boot protocol (default: multiboot for a multiboot-only kernel, else Linux's "
+                          "64-bit entry; pvh for a vmlinux's PVH entry)")
+    run.add_argument("--module", action="append", default=[], metavar="FILE[,STRING]",
+                     help="a multiboot module, with its command-line string (repeatable)")
+    for name, what in (("debug-exit", "isa-debug-exit at 0xf4: the VM ends with status (code << 1) | 1"),
+                       ("testdev", "QEMU's pc-testdev ports and MMIO buffer"),
+                       ("fw-cfg", "QEMU's fw_cfg at 0x510 (signature, RAM size, CPU count)"),
+                       ("acpi", "ACPI RSDP/RSDT/FADT tables and a PM timer")):
+        run.add_argument(f"--{name}", dest="test_devices", action="append_const", const=name, default=[],
+                         help=f"test device: {what}")
     run.add_argument("--quirks", choices=["auto", "pvm", "none"], default="auto",
                      help="host workarounds: detect (auto), force the PVM set, or none")
     run.add_argument("--disk", action="append", default=[], metavar="IMG[,ro]",
@@ -70,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("build-guest", help="build the micro-VM kernel and busybox initramfs (cached)")
     sub.add_parser("info", help="show the KVM backend, quirks and key capabilities")
     stat_cli.add_parser(sub)
+    kut.add_parser(sub)
     return p
 
 
@@ -82,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_build_guest()
         if args.command == "stat":
             return stat_cli.run(args)
+        if args.command == "kvm-unit-tests":
+            return kut.run(args)
         return cmd_info()
     except (BootError, KvmError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
@@ -126,8 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         initrd = initrd or built_initrd
     cmdline = " ".join(w for w in (args.cmdline, args.append) if w)
     devices = _devices(args)
+    modules = [(Path(m.partition(",")[0]), m.partition(",")[2]) for m in args.module]
     config = MachineConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=args.mem,
-                           cpus=args.cpus, quirks=args.quirks, entry=args.entry, devices=devices)
+                           cpus=args.cpus, quirks=args.quirks, entry=args.entry, devices=devices,
+                           modules=modules, test_devices=tuple(args.test_devices))
     out_fd = sys.stdout.fileno()
     try:
         machine = Machine(config, console=lambda b: _write_all(out_fd, b))

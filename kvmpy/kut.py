@@ -235,6 +235,7 @@ class KutMachine:
         from .boot.multiboot import load_multiboot
         from .bus import mmio_bus, pio_bus
         from .devices.fw_cfg import FW_CFG_PORT_SEL, FW_CFG_PORTS, FwCfg
+        from .devices.rtc import CmosRtc
         from .devices.serial import Serial16550
         from .devices.testdev import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit, PcTestDev
         from .kvm import Kvm
@@ -273,7 +274,7 @@ class KutMachine:
         self.testdev = PcTestDev(irq_line=lambda n, level: vm.irq_line(n, level))
         self.testdev.register(self.pio, self.mmio)
         self.pio.register(acpi.PM1A_EVT_BLK, 8, acpi.Pm1Registers(on_sleep=self._on_sleep), "pm1a")
-        self.pio.register(0x70, 2, acpi.CmosRtc(), "cmos rtc")
+        self.pio.register(0x70, 2, CmosRtc(), "cmos rtc")
         self._resume_pending = False
         self.pio.register(acpi.PM_TMR_BLK, 4, acpi.PmTimer(), "pm timer")
 

@@ -26,10 +26,13 @@ from typing import Callable
 import psutil
 
 from .assists import Assists
-from .boot.linux import BootEntry, load_linux
+from .boot.linux import BootEntry, kernel_info, load_linux
+from .boot.multiboot import load_multiboot
 from .bus import Bus, mmio_bus, pio_bus
 from .devices.i8042 import I8042
+from .devices.fw_cfg import FW_CFG_PORT_SEL, FW_CFG_PORTS, FwCfg
 from .devices.rtc import CmosRtc
+from .devices.testdev import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit, PcTestDev, debug_exit_status
 from .devices.serial import Serial16550
 from .devices.virtio.attach import VirtioDevices, attach_virtio
 from .devices.virtio.iothread import IoThread
@@ -43,7 +46,8 @@ from .stats.api import MachineStats
 from .stats.control import ControlServer
 from .vcpu import Vcpu
 from .vm import Vm
-from .x86 import modes, syscall_trap
+from .x86 import acpi, modes, syscall_trap
+from .x86.acpi import write_acpi_tables
 from .x86.cpuid import vcpu_cpuid
 from .x86.mptable import max_cpus, write_mptable
 
@@ -58,6 +62,7 @@ RTC_PORT = 0x70  # CMOS index 0x70, data 0x71
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd"
 
 MIN_MEMORY = 32 << 20
+TEST_DEVICES = ("debug-exit", "testdev", "fw-cfg", "acpi")
 
 POWER_OFF_MARKER = b"reboot: Power down"
 HALT_MARKER = b"reboot: System halted"
@@ -68,6 +73,7 @@ class Status(enum.Enum):
     POWEROFF = "poweroff"
     REBOOT = "reboot"
     PANIC = "panic"
+    DEBUG_EXIT = "debug-exit"  # the guest wrote to isa-debug-exit
     ERROR = "error"
     STOPPED = "stopped"  # stopped by the host (stop(), Ctrl-C, timeout)
 
@@ -77,16 +83,21 @@ class Status(enum.Enum):
 
 
 # The process exit status of `kvmpy run` for each way a guest can end.
-_EXIT_CODES = {Status.POWEROFF: 0, Status.ERROR: 1, Status.REBOOT: 3, Status.PANIC: 4, Status.STOPPED: 130}
+_EXIT_CODES = {Status.POWEROFF: 0, Status.ERROR: 1, Status.REBOOT: 3, Status.PANIC: 4, Status.STOPPED: 130,
+               Status.DEBUG_EXIT: 1}
 
 
 @dataclass(frozen=True)
 class Outcome:
     status: Status
     detail: str = ""
+    code: int | None = None  # the value written to isa-debug-exit
 
     @property
     def exit_code(self) -> int:
+        """The `kvmpy run` status; for isa-debug-exit QEMU's (code << 1) | 1."""
+        if self.status is Status.DEBUG_EXIT and self.code is not None:
+            return debug_exit_status(self.code)
         return self.status.exit_code
 
 
@@ -100,7 +111,12 @@ class MachineConfig:
     memory: int | str = "128M"  # as Firecracker; boot time on an emulating backend grows with it
     cpus: int = 1
     quirks: str = "auto"  # auto | pvm | none
-    entry: str = "auto"  # auto | linux64 | pvh
+    entry: str = "auto"  # auto | linux64 | pvh | multiboot (auto: multiboot for a kernel that is only that)
+    modules: list[tuple[Path, str]] = field(default_factory=list)  # multiboot modules: (file, string)
+    # QEMU's test devices, off in the micro-VM: any of "debug-exit" (isa-debug-exit
+    # at 0xf4: the VM ends with status (code << 1) | 1), "testdev" (pc-testdev
+    # ports and MMIO buffer), "fw-cfg" (0x510), "acpi" (RSDP/RSDT/FADT, PM timer).
+    test_devices: tuple[str, ...] = ()
     # -- virtio hook (issue 5; minimal, until disks/nets/vsock options exist) --
     # `kvmpy.devices.virtio` devices (BlockDevice, NetDevice, EntropyDevice,
     # VsockDevice), attached in order at 0xd0000000 + n*4K, GSI 5, 6, 7, 9, ...
@@ -117,9 +133,14 @@ class MachineConfig:
             raise BootError(f"memory {mem:#x} is not a multiple of 4 KiB")
         if not 1 <= self.cpus <= max_cpus():
             raise BootError(f"cpus {self.cpus}: must be between 1 and {max_cpus()}")
-        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd),
+                           *(("multiboot module", m) for m, _ in self.modules)):
             if path is not None and not Path(path).is_file():
                 raise BootError(f"{what} {path}: no such file")
+        unknown = set(self.test_devices) - set(TEST_DEVICES)
+        if unknown:
+            raise BootError(f"unknown test device(s) {', '.join(sorted(unknown))}; "
+                            f"choose from {', '.join(TEST_DEVICES)}")
         self.memory = mem
 
 
@@ -173,17 +194,17 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._scan_from = 0
         self._paused = False
+        self.multiboot = False
         self.stats_source: MachineStats | None = None
         self.control: ControlServer | None = None
 
         self.memory = memory if memory is not None else GuestMemory(config.memory)
         try:
             if not self._restoring:
-                self.boot: BootEntry = load_linux(self.memory, config.kernel, initrd=config.initrd,
-                                                  cmdline=self._cmdline(tsc_khz=None),
-                                                  entry=config.entry,  # type: ignore[arg-type]
-                                                  reserved=syscall_trap.RESERVED if self.quirks.syscall_trap else ())
+                self.boot: BootEntry = self._load()
                 write_mptable(self.memory, config.cpus)
+                if "acpi" in config.test_devices:
+                    write_acpi_tables(self.memory)
             self.kvm = kvm if kvm is not None else Kvm()
             self._own_kvm = kvm is None
             self.vm: Vm = self.kvm.create_vm()
@@ -194,6 +215,20 @@ class Machine:
             raise
 
     # -- assembly ---------------------------------------------------------------
+
+    def _load(self) -> BootEntry:
+        """Load the kernel by its kind: Linux (bzImage, vmlinux, PVH) or multiboot."""
+        config = self.config
+        reserved = syscall_trap.RESERVED if self.quirks.syscall_trap else ()
+        self.multiboot = config.entry == "multiboot" or (
+            config.entry == "auto" and kernel_info(config.kernel).kind == "multiboot")
+        if self.multiboot:
+            if config.initrd is not None:
+                raise BootError(f"{config.kernel}: a multiboot kernel takes modules, not an initrd")
+            return load_multiboot(self.memory, config.kernel, cmdline=config.cmdline,
+                                  modules=config.modules, reserved=reserved)
+        return load_linux(self.memory, config.kernel, initrd=config.initrd, cmdline=self._cmdline(tsc_khz=None),
+                          entry=config.entry, reserved=reserved)  # type: ignore[arg-type]
 
     def _cmdline(self, tsc_khz: int | None) -> str:
         words = [self.config.cmdline]
@@ -222,6 +257,7 @@ class Machine:
         self.pio.register(I8042_PORT, I8042_PORTS, self.i8042, "i8042")
         self.rtc = CmosRtc()
         self.pio.register(RTC_PORT, 2, self.rtc, "CMOS RTC")
+        self._attach_test_devices()
         self._attach_virtio()
 
         supported = self.kvm.get_supported_cpuid()
@@ -231,7 +267,7 @@ class Machine:
             vcpu = vm.create_vcpu(i)
             vcpu.set_cpuid2(vcpu_cpuid(supported, i, self.config.cpus))
             self.vcpus.append(vcpu)
-            assists = Assists(self.memory, enabled=self.quirks.emulation_assists)
+            assists = Assists(self.memory, enabled=self.quirks.emulation_assists, mmio_bus=self.mmio)
             loop = VcpuLoop(vcpu, self.pio, self.mmio, assists=assists)
             self.loops.append(loop)
 
@@ -243,9 +279,25 @@ class Machine:
 
         if self._restoring:
             return
-        if self.quirks.tsc_khz_on_cmdline or self.virtio is not None:
+        if not self.multiboot and (self.quirks.tsc_khz_on_cmdline or self.virtio is not None):
             self._rewrite_cmdline(self._cmdline(self.vcpus[0].get_tsc_khz()))
         self._setup_boot_cpu(self.vcpus[0])
+
+    def _attach_test_devices(self) -> None:
+        """QEMU's test devices, each only when the config names it."""
+        wanted = self.config.test_devices
+        if "debug-exit" in wanted:
+            self.debug_exit = DebugExit(lambda code: self._finish(Outcome(Status.DEBUG_EXIT, f"code {code}", code)))
+            self.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit, "isa-debug-exit")
+        if "testdev" in wanted:
+            self.testdev = PcTestDev(irq_line=lambda n, level: self.vm.irq_line(n, level))
+            self.testdev.register(self.pio, self.mmio)
+        if "fw-cfg" in wanted:
+            self.fw_cfg = FwCfg(ram_size=self.memory.size, nb_cpus=self.config.cpus)
+            self.pio.register(FW_CFG_PORT_SEL, FW_CFG_PORTS, self.fw_cfg, "fw_cfg")
+        if "acpi" in wanted:
+            self.pio.register(acpi.PM1A_EVT_BLK, 8, acpi.Pm1Registers(), "pm1a")
+            self.pio.register(acpi.PM_TMR_BLK, 4, acpi.PmTimer(), "pm timer")
 
     # -- virtio hook (issue 5) ----------------------------------------------------
 

@@ -6,8 +6,12 @@ its rtc_cmos driver probes it. Without a device there, every read returns
 `mc146818_avoid_UIP` with `udelay` (measured: several seconds of an
 emulated boot on the PVM backend). This model keeps the guest clock at the
 host's UTC plus an offset the guest may set, in BCD 24-hour format as a
-PC BIOS leaves it, never reports an update in progress, and keeps the
-other CMOS bytes as RAM.
+PC BIOS leaves it, and keeps the other CMOS bytes as RAM. Register A's
+"update in progress" bit is set for the first `uip_window` seconds of each
+second, as the chip sets it around its once-a-second update (about 2 ms);
+the default 10 ms is wide enough for an emulated guest polling for the
+transition (kvm-unit-tests' s3 does) and short enough that Linux's
+avoid-UIP wait is rare.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ CENTURY = 0x32
 B_SET = 0x80  # updates stopped while the guest sets the time
 B_24H = 0x02
 B_BINARY = 0x04  # data mode: binary instead of BCD
-A_DIVIDER_32K = 0x26  # 32.768 kHz time base, 1024 Hz periodic rate, UIP (bit 7) clear
+A_DIVIDER_32K = 0x26  # 32.768 kHz time base, 1024 Hz periodic rate
+A_UIP = 0x80  # update in progress
 D_VALID = 0x80  # "valid RAM and time": the battery is fine
 
 _TIME_FIELDS = (SECONDS, MINUTES, HOURS, DAY, MONTH, YEAR, CENTURY)
@@ -41,8 +46,9 @@ def _unbcd(v: int) -> int:
 class CmosRtc:
     """MC146818A RTC and CMOS RAM; `clock` returns the host time (seconds since the epoch, UTC)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *, uip_window: float = 0.010) -> None:
         self._clock = clock
+        self._uip_window = uip_window
         self._lock = threading.Lock()
         self._index = 0
         self._ram = bytearray(128)
@@ -81,6 +87,9 @@ class CmosRtc:
         if index == REG_C:
             value, self._ram[REG_C] = self._ram[REG_C], 0  # interrupt flags clear on read
             return value
+        if index == REG_A:
+            in_update = (self._clock() + self._offset) % 1.0 < self._uip_window
+            return self._ram[REG_A] | (A_UIP if in_update else 0)
         if index in _TIME_FIELDS or index == WEEKDAY:
             if self._ram[REG_B] & B_SET and index in self._staged:
                 return self._staged[index]

@@ -143,3 +143,58 @@ def test_kvmpy_run_refuses_bad_device_arguments_clearly(tmp_path, args, message)
     p = subprocess.run([sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(_elf(tmp_path, "spin")),
                         "--mem", "64M", *args], stdin=subprocess.DEVNULL, capture_output=True, text=True)
     assert p.returncode == 1 and message in p.stderr, p.stderr
+
+
+def _multiboot(tmp_path: Path, body: str) -> Path:
+    src, obj, elf = tmp_path / "mb.s", tmp_path / "mb.o", tmp_path / "mb.elf"
+    src.write_text(f""".code32
+.text
+.globl _start
+.align 4
+    .long 0x1BADB002, 0, -0x1BADB002       # multiboot header: magic, flags, checksum
+_start:
+{body}
+""")
+    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-N", "-Ttext", "0x100000", "-e", "_start", "-o", str(elf), str(obj)],
+                   check=True)
+    return elf
+
+
+def test_a_multiboot_kernel_ends_through_isa_debug_exit_with_qemus_status(tmp_path):
+    kernel = _multiboot(tmp_path, "cmp $0x2BADB002, %eax\njne 1f\nmov $5, %eax\nout %eax, $0xf4\n1: hlt")
+    p = subprocess.run([sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(kernel), "--mem", "64M",
+                        "--debug-exit", "--timeout", "60"], stdin=subprocess.DEVNULL, capture_output=True)
+    assert p.returncode == (5 << 1) | 1, p.stderr.decode()
+
+
+def test_isa_debug_exit_is_off_unless_asked_for(tmp_path):
+    kernel = _multiboot(tmp_path, "mov $5, %eax\nout %eax, $0xf4\njmp .")
+    p = subprocess.run([sys.executable, "-m", "kvmpy.cli", "run", "--kernel", str(kernel), "--mem", "64M",
+                        "--timeout", "2"], stdin=subprocess.DEVNULL, capture_output=True)
+    assert p.returncode == 130  # the write went to an unclaimed port; the guest spun until the timeout
+
+
+def test_fw_cfg_answers_the_qemu_signature_when_switched_on(tmp_path, kvm):
+    kernel = _multiboot(tmp_path, """
+    xor %eax, %eax
+    mov $0x510, %dx
+    out %ax, %dx               # select key 0: the signature
+    mov $0x511, %dx
+    in %dx, %al
+    mov $0x3f8, %dx
+    out %al, %dx               # echo its first byte on COM1
+    mov $0, %eax
+    out %eax, $0xf4
+    """)
+    config = MachineConfig(kernel=kernel, memory="64M", test_devices=("fw-cfg", "debug-exit"))
+    with Machine(config, kvm=kvm) as m:
+        m.start()
+        outcome = m.wait(60)
+        assert outcome.status is Status.DEBUG_EXIT and outcome.exit_code == 1
+        assert m.console.text() == "Q"
+
+
+def test_unknown_test_device_is_refused(tmp_path, kvm):
+    with pytest.raises(BootError, match="unknown test device"):
+        Machine(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", test_devices=("vga",)), kvm=kvm)

@@ -31,8 +31,19 @@ def test_time_reads_as_bcd_host_utc():
         [0x05, 0x04, 0x03, 0x02, 0x12, 0x26, 0x20]
 
 
-def test_update_in_progress_is_never_set():
-    assert not _read(_rtc(), REG_A) & 0x80
+def test_update_in_progress_is_set_only_at_the_start_of_each_second():
+    assert not _read(_rtc(NOW + 0.5), REG_A) & 0x80
+    assert _read(_rtc(NOW + 0.001), REG_A) & 0x80
+
+
+def test_a_poller_sees_update_in_progress_rise_and_fall():
+    clock = [NOW + 0.9]
+    rtc = CmosRtc(clock=lambda: clock[0])
+    seen = []
+    for _ in range(40):
+        seen.append(bool(_read(rtc, REG_A) & 0x80))
+        clock[0] += 0.003
+    assert False in seen and True in seen and seen.index(True) < len(seen) - 1 - seen[::-1].index(True) + 1
 
 
 def test_register_d_reports_valid_ram_and_time():

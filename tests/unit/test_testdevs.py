@@ -105,7 +105,9 @@ def test_pm1_control_write_with_slp_en_requests_the_sleep_type():
 
 def test_cmos_rtc_uip_toggles_and_reg_c_clears():
     import time
-    rtc = acpi.CmosRtc()
+
+    from kvmpy.devices.rtc import CmosRtc
+    rtc = CmosRtc()
     seen = set()
     deadline = time.monotonic() + 2.5
     while len(seen) < 2 and time.monotonic() < deadline:
