@@ -599,8 +599,12 @@ def run(args: argparse.Namespace) -> int:
         extra = f"   qemu {q.verdict} {q.seconds:.1f}s" if q is not None else ""
         print(f"{k.name:<28} {k.verdict:<8} {k.seconds:6.1f}s {k.detail[:60]}{extra}", file=sys.stderr)
 
-    rows = run_kvm_unit_tests(args.path, qemu=args.qemu, only=args.only, jobs=args.jobs,
-                              include_nodefault=args.all, log_dir=args.logs, progress=progress)
+    try:
+        rows = run_kvm_unit_tests(args.path, qemu=args.qemu, only=args.only, jobs=args.jobs,
+                                  include_nodefault=args.all, log_dir=args.logs, progress=progress)
+    except (ValueError, OSError) as e:  # a wrong path or test name: say which, no traceback
+        print(f"kvmpy kvm-unit-tests: {e}", file=sys.stderr)
+        return 2
     print(format_table(rows))
     if args.markdown:
         args.markdown.write_text(format_table(rows, markdown=True))
