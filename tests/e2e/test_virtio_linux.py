@@ -216,7 +216,7 @@ def session(tmp_path_factory) -> Session:
             machine.send_input(
                 f"echo {FILE_TEXT} > /f; sync; cat /hello.txt; head -c 64 /dev/hwrng | wc -c; "
                 "cat /sys/devices/virtual/misc/hw_random/rng_current; "
-                "for d in /sys/bus/virtio/devices/*; do echo $d $(cat $d/device); done; "
+                "for d in /sys/bus/virtio/devices/*; do echo $d $(cat $d/device) F$(cat $d/features); done; "
                 "echo MARK-$((20+1))\n".encode())
             con.wait_for(b"MARK-21", 180, at)
             if client is not None:
@@ -307,3 +307,15 @@ def test_host_connects_into_the_guest_over_vsock(session):
 def test_no_device_needed_a_reset_and_the_guest_powered_off(session):
     assert not session.devices["errors"], session.devices
     assert session.outcome is not None and session.outcome.status.value == "poweroff", session.outcome
+
+
+def test_net_device_negotiated_version_1_and_transmit_offloads(session):
+    import re
+    # /sys/bus/virtio/devices/virtio1 is the net device (the second attached); its
+    # `features` file is the negotiated bits as a string of 0/1, bit 0 first.
+    m = re.search(r"virtio1 0x0001 F([01]+)", session.console)
+    assert m, session.console[-2000:]
+    bits = m.group(1)
+    assert bits[32] == "1"                  # VIRTIO_F_VERSION_1
+    assert bits[0] == "1" and bits[11] == "1"  # VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4
+    assert bits[5] == "1"                   # VIRTIO_NET_F_MAC
