@@ -228,6 +228,19 @@ struct kvm_run {
 int kvmpy_ioctl(int fd, unsigned long request, void *arg);
 long kvmpy_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int kvmpy_run(int fd);
+
+/* Exit accounting done next to KVM_RUN: time in the guest (inside KVM_RUN)
+   and in the VMM (between two KVM_RUNs) as log2 histograms per exit reason. */
+#define KVMPY_ACCT_REASONS ...
+#define KVMPY_ACCT_BUCKETS ...
+struct kvmpy_acct {
+    uint64_t t_first, t_enter, t_leave, last_vmm_ns;
+    int64_t last;
+    uint64_t guest[...];
+    uint64_t vmm[...];
+    uint64_t vmm_total[...];
+};
+int kvmpy_run_acct(int fd, struct kvm_run *run, struct kvmpy_acct *a);
 int kvmpy_install_kick_handler(int signo);
 int kvmpy_sigrtmin(void);
 """
@@ -277,6 +290,63 @@ static long kvmpy_ioctl_int(int fd, unsigned long request, unsigned long arg)
 static int kvmpy_run(int fd)
 {
     return ioctl(fd, KVM_RUN, 0) < 0 ? -errno : 0;
+}
+
+#include <time.h>
+#include <stdint.h>
+
+#define KVMPY_ACCT_REASONS 64
+#define KVMPY_ACCT_BUCKETS 64
+struct kvmpy_acct {
+    uint64_t t_first, t_enter, t_leave, last_vmm_ns;
+    int64_t last;
+    uint64_t guest[KVMPY_ACCT_REASONS * KVMPY_ACCT_BUCKETS];
+    uint64_t vmm[KVMPY_ACCT_REASONS * KVMPY_ACCT_BUCKETS];
+    uint64_t vmm_total[KVMPY_ACCT_REASONS];
+};
+
+static inline uint64_t kvmpy_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);  /* the clock of Python's perf_counter_ns */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Python's int.bit_length(), clamped to the last bucket. */
+static inline unsigned kvmpy_bucket(uint64_t ns)
+{
+    unsigned b = ns ? 64 - (unsigned)__builtin_clzll(ns) : 0;
+    return b < KVMPY_ACCT_BUCKETS ? b : KVMPY_ACCT_BUCKETS - 1;
+}
+
+/* KVM_RUN, accounted: returns 0 or -errno like kvmpy_run. An interrupted run
+   counts as KVM_EXIT_INTR; reasons past the table share its last row. */
+static int kvmpy_run_acct(int fd, struct kvm_run *run, struct kvmpy_acct *a)
+{
+    uint64_t t0 = kvmpy_now();
+    int r = ioctl(fd, KVM_RUN, 0) < 0 ? -errno : 0;
+    uint64_t t1 = kvmpy_now();
+    unsigned reason;
+    if (r == -EINTR || r == -EAGAIN)
+        reason = KVM_EXIT_INTR;
+    else if (r < 0)
+        return r;
+    else
+        reason = run->exit_reason < KVMPY_ACCT_REASONS ? run->exit_reason : KVMPY_ACCT_REASONS - 1;
+    a->guest[reason * KVMPY_ACCT_BUCKETS + kvmpy_bucket(t1 - t0)]++;
+    if (a->last >= 0) {
+        uint64_t d = t0 - a->t_leave;  /* the VMM's time on the previous exit */
+        a->vmm[a->last * KVMPY_ACCT_BUCKETS + kvmpy_bucket(d)]++;
+        a->vmm_total[a->last] += d;
+        a->last_vmm_ns = d;
+    } else {
+        a->t_first = t0;
+        a->last_vmm_ns = 0;
+    }
+    a->last = reason;
+    a->t_enter = t0;
+    a->t_leave = t1;
+    return r;
 }
 
 static void kvmpy_kick(int signo) { (void)signo; }

@@ -13,6 +13,7 @@ SYSTEM_EVENT, DEBUG and anything else end the loop.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable
 
@@ -64,15 +65,18 @@ class VcpuLoop:
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         acct = self.accounting
-        enter, leave = acct.enter, acct.leave
         count_io, count_mmio = acct.count_io, acct.count_mmio
-        run_raw = vcpu.run_raw
+        if acct.c is not None:
+            run_raw = functools.partial(vcpu.run_accounted, acct.c)  # timing booked in C
+        else:
+            run_raw = vcpu.run_raw
+        hook = acct.after_exit if acct.per_exit_hook else None
         if self._stop.is_set():
             return IntrExit(_INTR)
         while True:
-            enter()
             reason = run_raw()
-            leave(reason)
+            if hook is not None:
+                hook(reason)
             if reason == _IO:
                 io = run.io
                 port, size, count, off = io.port, io.size, io.count, io.data_offset

@@ -81,6 +81,16 @@ class Vcpu:
             raise KvmIoctlError("KVM_RUN", -r, f"vcpu {self.id}")
         return self.run_struct.exit_reason
 
+    def run_accounted(self, acct: Any) -> int:
+        """`run_raw`, with the exit booked in `acct` (a `struct kvmpy_acct *`) next to the ioctl."""
+        r = lib.kvmpy_run_acct(self.fd, self.run_struct, acct)
+        if r < 0:
+            if r == _NEG_EINTR or r == _NEG_EAGAIN:
+                self.run_struct.immediate_exit = 0
+                return lib.KVM_EXIT_INTR
+            raise KvmIoctlError("KVM_RUN", -r, f"vcpu {self.id}")
+        return self.run_struct.exit_reason
+
     def run(self) -> Exit:
         """KVM_RUN once; returns the exit as a typed record."""
         self.thread_ident = threading.get_ident()

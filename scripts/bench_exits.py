@@ -37,7 +37,7 @@ from pathlib import Path
 from perfdoc import DOC, update_section
 
 import kvmpy
-from kvmpy.stats.accounting import ExitAccounting
+from kvmpy.stats.accounting import ExitAccounting, NullAccounting
 from kvmpy.x86 import modes
 from kvmpy.x86.asm import assemble
 
@@ -178,22 +178,6 @@ int main(int argc, char **argv)
 """
 
 
-class NoAccounting(ExitAccounting):
-    """Exit accounting that records nothing: the loop's cost without it."""
-
-    def enter(self) -> None:
-        pass
-
-    def leave(self, reason: int) -> None:
-        pass
-
-    def count_io(self, port: int, direction: int) -> None:
-        pass
-
-    def count_mmio(self, addr: int) -> None:
-        pass
-
-
 class NullDevice:
     def read(self, offset: int, size: int) -> int:
         return 0
@@ -223,7 +207,7 @@ def _kvmpy_guest(kvm: kvmpy.Kvm, code: bytes, count: int, accounting: ExitAccoun
 
 def run_kvmpy(kvm: kvmpy.Kvm, kind: str, code: bytes, count: int, *, accounting: bool = True) -> float:
     """Nanoseconds per exit (pio, mmio) or per VM lifecycle (vm)."""
-    acct = None if accounting else NoAccounting()
+    acct = None if accounting else NullAccounting()
     if kind == "vm":
         t0 = time.perf_counter_ns()
         for _ in range(count):

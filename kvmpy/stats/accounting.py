@@ -1,32 +1,26 @@
 """Always-on, cheap exit accounting for one vCPU.
 
-Per exit the loop calls `enter()` just before KVM_RUN and `leave(reason)`
-just after it; I/O and MMIO exits also report their port or address. From
-that come: exits by reason, port I/O by (port, direction), MMIO by address,
-time in the guest (inside KVM_RUN) and time in the VMM (handling the exit
-before the next KVM_RUN), each as a log2 histogram of nanoseconds per exit
-reason, and VMM time per exit reason.
+The timing half runs in C, around the KVM_RUN ioctl itself
+(`kvmpy_run_acct` in kvmpy/_build_kvm.py): it reads CLOCK_MONOTONIC before
+and after the ioctl and books, per exit, the guest time (inside KVM_RUN)
+in the (reason, log2 ns) bucket of the guest table, whose row sums are the
+exit counts, and the VMM time that ended at this entry (from the previous
+exit to this KVM_RUN) in the previous reason's bucket of the VMM table and
+its nanosecond total. Python only adds the port of an I/O exit and the
+address of an MMIO exit (`count_io`, `count_mmio`): a dict update each.
 
 Cheapness is the design constraint (issue 6, item 7: at most 5% on the
-exit loop; scripts/bench_stats_overhead.py measures it). A Python
-attribute update costs ~100 ns here against a ~20 us exit, so the hot
-methods do the least that keeps every figure exact:
+exit loop; scripts/bench_stats_overhead.py measures it): done in Python,
+the two clock reads and three list updates cost ~0.5 us of a ~8 us exit.
 
-- `enter` only reads the clock.
-- `leave` does one list update for this exit, bucket (reason, log2 of
-  guest time) of the guest table, whose row sums are the exit counts, and
-  two for the VMM interval that ended at this entry: the (previous
-  reason, log2 VMM time) bucket and that reason's VMM nanoseconds.
-- The total guest time is not summed per exit: from the first KVM_RUN to
-  the latest exit, every nanosecond is either in the guest (enter..leave)
-  or in a VMM interval already booked (leave..enter), so guest time =
-  elapsed - VMM time, exactly.
-
-Everything else (names, dicts, per-device grouping) is computed when
-someone reads, from another thread if need be: the readers copy lists in
-one step under the GIL, so a snapshot is consistent to within an exit.
-The time between one `VcpuLoop.run()` returning and the next starting
-counts as VMM time of the exit that ended the first.
+The total guest time is not summed per exit: from the first KVM_RUN to the
+latest exit, every nanosecond is either in the guest or in a VMM interval
+already booked, so guest time = elapsed - VMM time, exactly. Everything
+else (names, dicts, per-device grouping) is computed when someone reads,
+from another thread if need be: a snapshot is consistent to within an
+exit. The time between one `VcpuLoop.run()` returning and the next
+starting counts as VMM time of the exit that ended the first.
+`NullAccounting` turns all of it off (for measuring what it costs).
 """
 
 from __future__ import annotations
@@ -35,10 +29,11 @@ from collections import Counter
 from time import perf_counter_ns
 from typing import Any
 
+from .._kvm import ffi, lib
 from ..exits import ExitReason
 
-NBUCKETS = 64  # bucket b holds durations with bit_length b: [2^(b-1), 2^b) ns; bucket 0 is 0 ns
-MAX_REASONS = 256  # KVM_EXIT_* values are below this (the highest in 6.x headers is ~41)
+NBUCKETS = lib.KVMPY_ACCT_BUCKETS  # bucket b holds durations with bit_length b: [2^(b-1), 2^b) ns
+MAX_REASONS = lib.KVMPY_ACCT_REASONS  # KVM_EXIT_* values are below this (the highest in 6.x is ~41)
 _SHIFT = 6  # NBUCKETS == 1 << _SHIFT: table index = reason << _SHIFT | bucket
 _DIR_SHIFT = 16  # io key = port | direction << 16 (no tuple per exit)
 
@@ -59,44 +54,59 @@ def bucket_bounds(bucket: int) -> tuple[int, int]:
 
 
 class ExitAccounting:
-    """Exit counters and time histograms of one vCPU, fed by `VcpuLoop`."""
+    """Exit counters and time histograms of one vCPU, fed by `VcpuLoop`.
 
-    __slots__ = ("vcpu_id", "assists", "started_ns", "_guest", "_vmm", "_vmm_total", "_io", "_mmio",
-                 "_t_first", "_t_enter", "_t_leave", "_last", "__dict__")
+    `c` is the `struct kvmpy_acct` the loop passes to the accounted
+    KVM_RUN. Subclasses that need to see every exit set `per_exit_hook`
+    and implement `after_exit(reason)` (the loop calls it after each
+    exit is booked).
+    """
+
+    per_exit_hook = False
 
     def __init__(self, vcpu_id: int = 0) -> None:
         self.vcpu_id = vcpu_id
         self.assists = 0  # instructions completed by kvmpy.assists (the loop counts them)
         self.started_ns = perf_counter_ns()
-        self._guest = [0] * (MAX_REASONS << _SHIFT)  # (reason, bucket of guest ns before it)
-        self._vmm = [0] * (MAX_REASONS << _SHIFT)  # (reason, bucket of VMM ns handling it)
-        self._vmm_total = [0] * MAX_REASONS
+        self.c: Any = ffi.new("struct kvmpy_acct *")
+        self.c.last = -1
         self._io: dict[int, int] = {}
         self._mmio: dict[int, int] = {}
-        self._t_first = 0
-        self._t_enter = 0
-        self._t_leave = 0
-        self._last = -1
 
-    # -- the hot path (called by the loop on every exit) ------------------------
+    def after_exit(self, reason: int) -> None:
+        """Called per exit when `per_exit_hook` is set; nothing here."""
 
-    def enter(self) -> None:
-        self._t_enter = perf_counter_ns()
+    # -- the C struct, as the readers below use it ---------------------------------
 
-    def leave(self, reason: int) -> None:
-        t = perf_counter_ns()
-        t_enter = self._t_enter
-        self._guest[reason << _SHIFT | (t - t_enter).bit_length()] += 1
-        last = self._last
-        if last >= 0:
-            # The VMM interval that ended at this entry belongs to the previous exit.
-            d = t_enter - self._t_leave
-            self._vmm[last << _SHIFT | d.bit_length()] += 1
-            self._vmm_total[last] += d
-        else:
-            self._t_first = t_enter
-        self._last = reason
-        self._t_leave = t
+    @property
+    def _guest(self) -> list[int]:
+        return ffi.unpack(self.c.guest, MAX_REASONS * NBUCKETS)
+
+    @property
+    def _vmm(self) -> list[int]:
+        return ffi.unpack(self.c.vmm, MAX_REASONS * NBUCKETS)
+
+    @property
+    def _vmm_total(self) -> list[int]:
+        return ffi.unpack(self.c.vmm_total, MAX_REASONS)
+
+    @property
+    def _t_first(self) -> int:
+        return self.c.t_first
+
+    @property
+    def _t_enter(self) -> int:
+        return self.c.t_enter
+
+    @property
+    def _t_leave(self) -> int:
+        return self.c.t_leave
+
+    @property
+    def _last(self) -> int:
+        return self.c.last
+
+    # -- the hot path's Python half (called by the loop on I/O and MMIO exits) -------
 
     def count_io(self, port: int, direction: int) -> None:
         key = port | direction << _DIR_SHIFT
@@ -202,6 +212,33 @@ class ExitAccounting:
     def __repr__(self) -> str:
         top = ", ".join(f"{reason_name(r)}={n}" for r, n in self.exits.most_common(4))
         return f"ExitAccounting(vcpu {self.vcpu_id}: {top or 'no exits'})"
+
+
+class NullAccounting(ExitAccounting):
+    """No accounting at all: the loop issues plain KVM_RUNs and counts nothing."""
+
+    def __init__(self, vcpu_id: int = 0) -> None:
+        super().__init__(vcpu_id)
+        self.c = None
+
+    def count_io(self, port: int, direction: int) -> None:
+        pass
+
+    def count_mmio(self, addr: int) -> None:
+        pass
+
+    @property
+    def _guest(self) -> list[int]:
+        return [0] * (MAX_REASONS * NBUCKETS)
+
+    _vmm = _guest
+
+    @property
+    def _vmm_total(self) -> list[int]:
+        return [0] * MAX_REASONS
+
+    _t_first = _t_enter = _t_leave = property(lambda self: 0)
+    _last = property(lambda self: -1)
 
 
 def _row_sums(table: list[int]) -> dict[int, int]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .._kvm import lib
+from .._kvm import ffi, lib
 from .accounting import ExitAccounting, reason_name
 
 _SYNC_REGS = lib.KVM_SYNC_X86_REGS
@@ -264,16 +264,15 @@ class ProfiledAccounting(ExitAccounting):
     profiling when it is off.
     """
 
-    __slots__ = ("profile",)
+    per_exit_hook = True
 
     def __init__(self, vcpu_id: int, profile: ExitProfile) -> None:
         super().__init__(vcpu_id)
         self.profile = profile
 
-    def leave(self, reason: int) -> None:
-        previous = self._t_enter - self._t_leave if self._last >= 0 else 0
-        ExitAccounting.leave(self, reason)
-        self.profile.record(reason, previous)
+    def after_exit(self, reason: int) -> None:
+        # The VMM time of the previous exit ended at this exit's KVM_RUN.
+        self.profile.record(reason, self.c.last_vmm_ns)
 
 
 def attach(loop: Any, *, every: int | None = None, symbols: SymbolTable | None = None) -> ExitProfile:
@@ -285,9 +284,9 @@ def attach(loop: Any, *, every: int | None = None, symbols: SymbolTable | None =
     profile = ExitProfile(loop.vcpu, every, symbols)
     old = loop.accounting
     new = ProfiledAccounting(old.vcpu_id, profile)
-    for slot in ExitAccounting.__slots__:
-        if slot != "__dict__":
-            setattr(new, slot, getattr(old, slot))
+    new.assists, new.started_ns, new._io, new._mmio = old.assists, old.started_ns, old._io, old._mmio
+    if old.c is not None:
+        ffi.memmove(new.c, old.c, ffi.sizeof("struct kvmpy_acct"))
     loop.accounting = new
     return profile
 
