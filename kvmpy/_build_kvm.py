@@ -9,7 +9,7 @@ Anonymous nested structs of the header (``kvm_run``'s exit union,
 ``kvm_vcpu_events``' sub-structs) are given names with ``__typeof__`` in the
 C source so that cffi can address them.
 
-Run directly (``python kvmpy/_build_kvm.py``) to build the module in place.
+`pip install -e .` (setup.py's cffi_modules) builds it; `make venv` does that.
 """
 
 from __future__ import annotations
@@ -386,6 +386,3 @@ def _cdef() -> str:
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source("kvmpy._kvm", C_SOURCE)
-
-if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(Path(__file__).resolve().parent.parent), verbose=False)

@@ -14,7 +14,6 @@ root) it builds the module in place, next to this file.
 
 from __future__ import annotations
 
-import pathlib
 
 import cffi
 
@@ -114,10 +113,3 @@ ffibuilder.cdef(
     #define E820_UNUSABLE ...
     """
 )
-
-
-if __name__ == "__main__":
-    # In-place build: tmpdir is the repository root, so the module path
-    # kvmpy.boot._bootparam lands at kvmpy/boot/_bootparam*.so.
-    repo_root = pathlib.Path(__file__).resolve().parents[2]
-    print(ffibuilder.compile(tmpdir=str(repo_root), verbose=False))

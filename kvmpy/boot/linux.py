@@ -33,7 +33,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build step
     raise ImportError(
         "kvmpy.boot._bootparam (the cffi module for <asm/bootparam.h>) is not built: "
-        "run `pip install -e .` or `python kvmpy/boot/_build_bootparam.py` in the "
+        "run `pip install -e .` (or `make venv`) in the "
         "repository root") from e
 
 

@@ -8,11 +8,8 @@ loads the project's real kernel when it has been built.
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,24 +19,13 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _ensure_bootparam_built() -> None:
-    # The cffi module is built by `pip install -e .`; build it in place if a
-    # checkout has not been installed yet.
-    try:
-        importlib.import_module("kvmpy.boot._bootparam")
-    except ImportError:
-        subprocess.run([sys.executable, str(ROOT / "kvmpy/boot/_build_bootparam.py")],
-                       cwd=ROOT, check=True, capture_output=True)
 
-
-_ensure_bootparam_built()
-
-from kvmpy.boot import layout  # noqa: E402
-from kvmpy.boot.linux import (HDRS_MAGIC, XEN_HVM_START_MAGIC_VALUE, BootEntry,  # noqa: E402
+from kvmpy.boot import layout
+from kvmpy.boot.linux import (HDRS_MAGIC, XEN_HVM_START_MAGIC_VALUE, BootEntry,
                               HvmMemmapTableEntry, HvmModlistEntry, ffi, kernel_info, lib,
                               load_linux, read_boot_params, read_hvm_start_info)
-from kvmpy.errors import BootError  # noqa: E402
-from kvmpy.memory import GuestMemory  # noqa: E402
+from kvmpy.errors import BootError
+from kvmpy.memory import GuestMemory
 
 MiB = 1 << 20
 HDR_OFF = ffi.offsetof("struct boot_params", "hdr")

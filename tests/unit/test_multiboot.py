@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-try:
-    importlib.import_module("kvmpy.boot._bootparam")
-except ImportError:  # not installed yet: build the cffi module in place
-    subprocess.run([sys.executable, str(ROOT / "kvmpy/boot/_build_bootparam.py")], cwd=ROOT,
-                   check=True, capture_output=True)
 
-from kvmpy.boot import layout  # noqa: E402
-from kvmpy.boot.linux import kernel_info, parse_elf  # noqa: E402
-from kvmpy.boot.multiboot import (INFO_ADDR, MULTIBOOT_BOOTLOADER_MAGIC,  # noqa: E402
+
+from kvmpy.boot.linux import kernel_info, parse_elf
+from kvmpy.boot.multiboot import (INFO_ADDR, MULTIBOOT_BOOTLOADER_MAGIC,
                                   load_multiboot)
-from kvmpy.errors import BootError  # noqa: E402
-from kvmpy.memory import GuestMemory  # noqa: E402
+from kvmpy.errors import BootError
+from kvmpy.memory import GuestMemory
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("as", "ld", "nm", "objcopy")),
