@@ -357,7 +357,10 @@ def main() -> int:
         finally:
             g.close()
 
-    qemu_note = qemu_probe(kernel, root_img_copy)
+    try:
+        qemu_note = qemu_probe(kernel, root_img_copy)
+    finally:
+        shutil.rmtree(root_img_copy.parent, ignore_errors=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     backend = "PVM software KVM (kvm_pvm)" if os.path.exists("/sys/module/kvm_pvm") else "hardware KVM"
