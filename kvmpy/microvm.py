@@ -19,6 +19,7 @@ timeouts, outcomes as exceptions when asked, snapshots and restore
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import threading
@@ -29,6 +30,7 @@ from typing import Callable, Sequence
 
 import psutil
 
+from .devices.virtio.attach import devices_from_config
 from .errors import KvmError
 from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome, Status
 from .memory import parse_size
@@ -88,6 +90,7 @@ class NetConfig:
 
     tap: str | None = None
     mac: str | None = None
+    host_address: str | None = None  # "ADDR/PREFIX" for the host end of the TAP, e.g. "172.30.0.1/24"
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,10 @@ class VsockConfig:
 
 
 def machine_supports(name: str) -> bool:
-    """True when `MachineConfig` has the field `name` (the machine layer grows disks/nets/vsock)."""
-    return name in {f.name for f in dataclasses.fields(MachineConfig)} or hasattr(MachineConfig, name)
+    """True when the machine can take `name`: a `MachineConfig` field, or disks/nets/vsock through `devices`."""
+    fields = {f.name for f in dataclasses.fields(MachineConfig)}
+    return name in fields or hasattr(MachineConfig, name) or (name in ("disks", "nets", "vsock")
+                                                               and "devices" in fields)
 
 
 @dataclass
@@ -114,6 +119,7 @@ class MicroVMConfig:
     disks: Sequence[DiskConfig | str | os.PathLike[str]] = field(default_factory=list)
     nets: Sequence[NetConfig | str] = field(default_factory=list)
     vsock: VsockConfig | int | None = None
+    rng: bool = False  # a virtio-rng device (the guest's entropy from the host's urandom)
     quirks: str = "auto"
 
     def validate(self) -> None:
@@ -182,15 +188,24 @@ class MicroVMConfig:
             raise ConfigError(f"nets[{i}] tap {net.tap!r}: not a valid interface name (1-15 characters)")
         if net.mac is not None and not _MAC.match(net.mac):
             raise ConfigError(f"nets[{i}] mac {net.mac!r}: expected six hex bytes like 52:54:00:12:34:56")
+        if net.host_address is not None:
+            try:
+                ipaddress.ip_interface(net.host_address)
+            except ValueError:
+                raise ConfigError(f"nets[{i}] host_address {net.host_address!r}: expected ADDR/PREFIX like "
+                                  "172.30.0.1/24") from None
         return net
 
     def machine_config(self) -> MachineConfig:
+        """The `MachineConfig`, its virtio devices already made (images open, TAPs created).
+
+        Making them before any VM exists means a bad image or TAP fails
+        first; whoever builds the `Machine` closes `devices` if that fails
+        (`MicroVM.start` does).
+        """
         mc = MachineConfig(kernel=Path(self.kernel), initrd=None if self.initrd is None else Path(self.initrd),
                            cmdline=self.cmdline, memory=self.memory, cpus=self.vcpus, quirks=self.quirks)
-        for name in ("disks", "nets", "vsock"):
-            value = getattr(self, name)
-            if value:
-                setattr(mc, name, value)
+        mc.devices = devices_from_config(self.disks, self.nets, self.vsock, rng=self.rng)
         return mc
 
 
@@ -222,7 +237,13 @@ class MicroVM:
         with self._lock:
             if self.state != "created":
                 raise VmStateError(f"start(): the VM is {self.state}; start() runs once")
-            self.machine = Machine(self.config.machine_config(), console=self.console_sink)
+            mc = self.config.machine_config()
+            try:
+                self.machine = Machine(mc, console=self.console_sink)
+            except BaseException:
+                for dev in mc.devices:  # closing twice is harmless; Machine closes what it attached
+                    dev.close()
+                raise
             self.machine.start()
             self.state = "running"
         return self

@@ -48,19 +48,49 @@ def test_missing_kernel_is_refused(tmp_path):
         MicroVM(MicroVMConfig(kernel=tmp_path / "nope"))
 
 
-def test_devices_the_machine_lacks_are_refused_only_when_asked_for(kernel, tmp_path):
+def test_machine_config_makes_the_devices(kernel, tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4096))
-    for name, value in (("disks", [DiskConfig(disk)]), ("nets", ["tap0"]), ("vsock", VsockConfig(3))):
-        c = MicroVMConfig(kernel=kernel)
-        setattr(c, name, value)
-        if machine_supports(name):
-            c.validate()
-            assert getattr(c.machine_config(), name)
-        else:
-            with pytest.raises(ConfigError, match=f"{name}: this kvmpy's machine has no {name} support"):
-                c.validate()
-    MicroVMConfig(kernel=kernel).validate()  # none asked for: fine either way
+    for name in ("disks", "nets", "vsock"):
+        assert machine_supports(name)
+    c = MicroVMConfig(kernel=kernel, disks=[DiskConfig(disk, read_only=True)], vsock=VsockConfig(3), rng=True)
+    c.validate()
+    devices = c.machine_config().devices
+    try:
+        assert [type(d).__name__ for d in devices] == ["BlockDevice", "EntropyDevice", "VsockDevice"]
+        assert devices[0].path == disk and devices[0].read_only and devices[2].guest_cid == 3
+    finally:
+        for d in devices:
+            d.close()
+    assert MicroVMConfig(kernel=kernel).machine_config().devices == []
+
+
+def test_a_bad_image_fails_before_any_vm(kernel, tmp_path):
+    small = tmp_path / "small.img"
+    small.write_bytes(b"x" * 100)
+    c = MicroVMConfig(kernel=kernel, disks=[small])
+    c.validate()
+    with pytest.raises(ValueError, match="smaller than one 512-byte sector"):
+        c.machine_config()
+
+
+def test_devices_are_closed_when_the_machine_cannot_be_built(kernel, tmp_path, monkeypatch):
+    import kvmpy.microvm as microvm
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    seen = []
+
+    def failing_machine(config, **kw):
+        seen.append(config)
+        raise RuntimeError("no VM today")
+
+    monkeypatch.setattr(microvm, "Machine", failing_machine)
+    vm = MicroVM(MicroVMConfig(kernel=kernel, disks=[disk], rng=True))
+    with pytest.raises(RuntimeError, match="no VM today"):
+        vm.start()
+    blk, rng = seen[0].devices
+    assert blk.fd == -1  # the image was closed
 
 
 def test_calls_out_of_order_raise_state_errors(kernel):
