@@ -17,6 +17,7 @@ path pulses the line with KVM_IRQ_LINE the same way.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -30,6 +31,7 @@ DEFAULT_BASE = 0xD000_0000
 DEFAULT_FIRST_GSI = 5
 _SKIP_GSIS = (8, 12)
 LAST_GSI = 15  # the ISA range; above it the MP table lists no IOAPIC entry
+_clone_counter = itertools.count()
 
 
 class IrqfdInterrupt:
@@ -228,6 +230,53 @@ def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vso
     return made
 
 
+def device_from_snapshot(config: dict) -> VirtioDevice:
+    """Recreate a device from its `snapshot_config()` (kvmpy/snapshot.py's restore).
+
+    blk reopens the image by path; net creates a fresh TAP (generated name)
+    with the recorded host address or bridge and the recorded MAC; vsock
+    listens on the recorded socket path, or beside it when another VM (the
+    original, a sibling clone) still has it.
+    """
+    from ...net.tap import Tap
+    from .blk import BlockDevice
+    from .net import NetDevice
+    from .rng import EntropyDevice
+    from .vsock import VsockDevice
+
+    kind = config.get("kind")
+    if kind == "blk":
+        return BlockDevice(config["path"], read_only=bool(config["read_only"]), serial=config.get("serial"))
+    if kind == "net":
+        tap = Tap(None, host_address=config["host_address"], bridge=config["bridge"])
+        try:
+            return NetDevice(tap.fd, config["mac"], owner=tap, tx_offloads=bool(config["tx_offloads"]))
+        except BaseException:
+            tap.close()
+            raise
+    if kind == "rng":
+        return EntropyDevice()
+    if kind == "vsock":
+        uds = config["uds_path"]
+        if os.path.exists(uds):
+            uds = f"{uds}.{os.getpid()}.{next(_clone_counter)}"
+        return VsockDevice(uds, int(config["cid"]))
+    raise ValueError(f"virtio device config {config!r}: unknown kind {kind!r} (blk, net, rng, vsock)")
+
+
+def devices_from_snapshot(configs: Iterable[dict]) -> list[VirtioDevice]:
+    """`device_from_snapshot` for each, in order; on an error the devices made so far are closed."""
+    made: list[VirtioDevice] = []
+    try:
+        for c in configs:
+            made.append(device_from_snapshot(c))
+    except BaseException:
+        for dev in made:
+            dev.close()
+        raise
+    return made
+
+
 def gsis(first: int = DEFAULT_FIRST_GSI) -> Iterable[int]:
     """The GSIs devices get, in order: `first`..15 without 8 and 12."""
     return (g for g in range(first, LAST_GSI + 1) if g not in _SKIP_GSIS)
@@ -271,4 +320,5 @@ def attach_virtio(vm: Any, memory: GuestMemory, mmio_bus: Bus, devices: Iterable
 
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_FIRST_GSI", "IrqLineInterrupt", "IrqfdInterrupt", "VirtioDevices",
-           "VirtioSlot", "attach_virtio", "devices_from_config", "gsis", "parse_disk_arg", "parse_net_arg"]
+           "VirtioSlot", "attach_virtio", "device_from_snapshot", "devices_from_config",
+           "devices_from_snapshot", "gsis", "parse_disk_arg", "parse_net_arg"]

@@ -166,6 +166,11 @@ class BlockDevice(VirtioDevice):
         status[-1][-1] = code
         return data_len + 1
 
+    def snapshot_config(self) -> dict:
+        """The image is reopened by path on restore: the snapshot does not copy the disk."""
+        return {"kind": "blk", "path": str(self.path), "read_only": self.read_only,
+                "serial": self.device_serial.decode(errors="replace")}
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -23,7 +23,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from ...errors import GuestMemoryError
+from ...errors import GuestMemoryError, KvmError
 from ...memory import GuestMemory
 from .queue import ChainError, DescriptorChain, QueueError, Virtqueue
 
@@ -103,6 +103,10 @@ VIRTIO_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
 
 
+class SnapshotRefused(KvmError):
+    """A device cannot be snapshotted in its present state (the message says why)."""
+
+
 class VirtioDevice:
     """What a device type implements; the transport calls it with its lock held.
 
@@ -146,6 +150,22 @@ class VirtioDevice:
 
     def close(self) -> None:
         """Release host resources (files, sockets)."""
+
+    # -- snapshots (kvmpy/snapshot.py) ----------------------------------------
+
+    def snapshot_config(self) -> dict:
+        """What recreates this device for a restored machine: {"kind": ..., arguments}.
+
+        `kvmpy.devices.virtio.attach.device_from_snapshot` is the inverse.
+        """
+        raise SnapshotRefused(f"{self.name}: no snapshot_config(); kvmpy cannot recreate it on restore")
+
+    def snapshot_state(self) -> dict:
+        """Device state beyond the transport's (JSON-able); raise `SnapshotRefused` if none can be taken."""
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        """Load `snapshot_state()` into a freshly made device, before its transport is restored."""
 
     # -- helpers for device code --------------------------------------------
 
@@ -206,6 +226,60 @@ class MmioTransport:
         for q in self.queues:
             q.reset()
             q.indirect = q.event_idx = False
+
+    # -- snapshots (kvmpy/snapshot.py) ----------------------------------------
+
+    def snapshot_state(self) -> dict:
+        """Registers, negotiated features, every queue's state, then the device's own (JSON-able).
+
+        Taken with the vCPUs paused; the lock keeps the I/O thread out meanwhile.
+        """
+        with self.lock:
+            return {
+                "device_id": self.device.device_id,
+                "status": self.status,
+                "device_features": self.device_features,
+                "driver_features": self.driver_features,
+                "device_features_sel": self.device_features_sel,
+                "driver_features_sel": self.driver_features_sel,
+                "queue_sel": self.queue_sel,
+                "config_generation": self.config_generation,
+                "interrupt_status": self.interrupt_status,
+                "shm_sel": self.shm_sel,
+                "queues": [q.snapshot_state() for q in self.queues],
+                "device": self.device.snapshot_state(),
+            }
+
+    def restore_state(self, s: dict) -> None:
+        """Load `snapshot_state()` into the transport of a freshly attached, identical device.
+
+        A device the driver had activated is activated again (host I/O,
+        per-queue limits), then every ready queue is served once: buffers
+        the driver posted before the snapshot must not wait for a notify
+        that already happened. Raises `SnapshotRefused` on a mismatch.
+        """
+        with self.lock:
+            if s["device_id"] != self.device.device_id or len(s["queues"]) != len(self.queues):
+                raise SnapshotRefused(f"{self.device.name}: snapshot is of device id {s['device_id']} with "
+                                      f"{len(s['queues'])} queues, this is {self.device.device_id} with "
+                                      f"{len(self.queues)}")
+            if s["device_features"] != self.device_features:
+                raise SnapshotRefused(f"{self.device.name}: snapshot offered features {s['device_features']:#x}, "
+                                      f"this device offers {self.device_features:#x}")
+            self.device.restore_state(s["device"])
+            for name in ("status", "driver_features", "device_features_sel", "driver_features_sel", "queue_sel",
+                         "config_generation", "interrupt_status", "shm_sel"):
+                setattr(self, name, int(s[name]))
+            try:
+                for q, qs in zip(self.queues, s["queues"]):
+                    q.restore_state(qs)
+            except QueueError as e:
+                raise SnapshotRefused(f"{self.device.name}: {e}") from None
+            if self.active:
+                self._guarded(self.device.activate)
+                for i, q in enumerate(self.queues):
+                    if q.ready:
+                        self.notify(i)
 
     @property
     def active(self) -> bool:
@@ -429,6 +503,6 @@ def _set_half(old: int, high: bool, value: int) -> int:
 
 
 __all__ = [
-    "DeviceId", "DeviceStatus", "InterruptStatus", "MMIO_WINDOW", "MmioTransport", "Register",
+    "DeviceId", "DeviceStatus", "InterruptStatus", "MMIO_WINDOW", "MmioTransport", "Register", "SnapshotRefused",
     "VIRTIO_F_EVENT_IDX", "VIRTIO_F_INDIRECT_DESC", "VIRTIO_F_VERSION_1", "VirtioDevice",
 ]

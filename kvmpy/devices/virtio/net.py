@@ -30,7 +30,8 @@ import select
 import struct
 from typing import TYPE_CHECKING, Any
 
-from .mmio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, VirtioDevice
+from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
+                   VirtioDevice)
 
 if TYPE_CHECKING:
     from .iothread import IoThread
@@ -186,6 +187,19 @@ class NetDevice(VirtioDevice):
                 served += 1
         finally:
             self.signal_used(q)
+
+    def snapshot_config(self) -> dict:
+        """MAC and the TAP's host-side configuration; a restored device gets a fresh TAP like it.
+
+        The TAP name is recorded but not reused: a clone cannot share the
+        original's interface, so restore creates a generated one.
+        """
+        tap = self.owner
+        if tap is None or not hasattr(tap, "host_address"):
+            raise SnapshotRefused(f"{self.name}: back end is a bare fd (fd {self.fd}), not a kvmpy Tap; "
+                                  "restore could not recreate it")
+        return {"kind": "net", "mac": self.mac.hex(":"), "tap": tap.name, "host_address": tap.host_address,
+                "bridge": tap.bridge, "tx_offloads": bool(self.features & TX_OFFLOADS)}
 
     def close(self) -> None:
         if self.iothread is not None:

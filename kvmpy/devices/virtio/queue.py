@@ -149,6 +149,25 @@ class Virtqueue:
         self.next_used_idx = 0
         self._signalled_used = 0
 
+    # -- snapshots --------------------------------------------------------------
+
+    _STATE = ("size", "ready", "desc_table", "avail_ring", "used_ring", "last_avail_idx", "next_used_idx",
+              "indirect", "event_idx", "max_chain_bytes")
+
+    def snapshot_state(self) -> dict:
+        """The driver-programmed registers and the device's ring positions (JSON-able)."""
+        s = {name: getattr(self, name) for name in self._STATE}
+        s["signalled_used"] = self._signalled_used  # event-idx: the used index last interrupted for
+        return s
+
+    def restore_state(self, s: dict) -> None:
+        """Load `snapshot_state()`; a ready queue's rings are checked against this memory."""
+        for name in self._STATE:
+            setattr(self, name, type(getattr(self, name))(s[name]))
+        self._signalled_used = int(s["signalled_used"])
+        if self.ready:
+            self.check()
+
     # -- validation -----------------------------------------------------------
 
     def check(self) -> None:

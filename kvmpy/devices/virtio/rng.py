@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from .mmio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, VirtioDevice
+from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
+                   VirtioDevice)
 
 QUEUE_SIZE = 64
 MAX_REQUEST = 64 << 10
@@ -35,6 +36,11 @@ class EntropyDevice(VirtioDevice):
             self.bytes_served += written
             q.add_used(chain.head, written)
         self.signal_used(q)  # a no-op unless entries were added (malformed chains included)
+
+    def snapshot_config(self) -> dict:
+        if self.source is not os.urandom:
+            raise SnapshotRefused(f"{self.name}: a custom entropy source cannot be recorded in a snapshot")
+        return {"kind": "rng"}
 
 
 __all__ = ["EntropyDevice", "MAX_REQUEST"]

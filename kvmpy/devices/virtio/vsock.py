@@ -39,7 +39,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .mmio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, VirtioDevice
+from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
+                   VirtioDevice)
 
 if TYPE_CHECKING:
     from .iothread import IoThread
@@ -464,6 +465,20 @@ class VsockDevice(VirtioDevice):
         self.iothread.add(sock.fileno(), lambda ev, c=conn: self._run(self._socket_event, c, ev), 0)
         self._send_control(conn, Op.RESPONSE)
         self._rearm(conn)
+
+    # -- snapshots -----------------------------------------------------------------
+
+    def snapshot_config(self) -> dict:
+        return {"kind": "vsock", "cid": self.guest_cid, "uds_path": self.uds_path}
+
+    def snapshot_state(self) -> dict:
+        """Nothing beyond the queues, and only while no connection exists: host sockets cannot be saved."""
+        busy = len(self.conns) + len(self._pending_clients)
+        if busy or self.control:
+            raise SnapshotRefused(f"{self.name}: {len(self.conns)} open connection(s), "
+                                  f"{len(self._pending_clients)} half-open host client(s), {len(self.control)} "
+                                  "unsent control packet(s); close every vsock connection before a snapshot")
+        return {}
 
     # -- lifetime ------------------------------------------------------------------
 
