@@ -29,6 +29,15 @@ both, or `take_snapshot` refuses and names it. The state is recorded in the
 order KVM's migration documents ask for on restore (KVM API document,
 KVM_SET_MSRS/KVM_SET_LAPIC notes; Firecracker's vstate/vcpu order): MP
 state, regs, sregs, XSAVE/FPU, XCRs, debug registers, LAPIC, MSRs, events.
+
+Virtio devices (format version 2): the manifest's config lists each
+device's `snapshot_config()` in attach order (a disk's image path, a NIC's
+MAC and TAP host address, the vsock CID and socket path); the transport's
+`snapshot_state()` holds the registers, negotiated features and queue
+positions. Restore recreates the devices from that list (a fresh TAP for
+each NIC, the disk image reopened, not copied), the new `Machine` attaches
+them with ioeventfd/irqfd as at boot, and their state is loaded before
+any vCPU runs. A vsock device with open connections refuses a snapshot.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from .errors import KvmError, KvmIoctlError
 from .memory import PAGE_SIZE, GuestMemory
 
 FORMAT = "kvmpy-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: virtio devices (their configs in the manifest, their state in state.json)
 MANIFEST = "manifest.json"
 MEMORY_FILE = "memory.bin"
 STATE_FILE = "state.json"
@@ -313,8 +322,12 @@ def load_vm(vm: Any, s: dict) -> None:
     vm.set_clock(int(s["clock"]))
 
 
-def _state_of(dev: Any) -> dict:
-    return dev.snapshot_state()
+def _state_of(key: str, dev: Any) -> dict:
+    from .devices.virtio.mmio import SnapshotRefused
+    try:
+        return dev.snapshot_state()
+    except SnapshotRefused as e:
+        raise SnapshotError(f"cannot snapshot {key}: {e}") from None
 
 
 def _restore(dev: Any, state: dict) -> None:
@@ -340,6 +353,18 @@ def _devices(machine: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def _virtio_configs(machine: Any) -> list[dict]:
+    """Each virtio device's `snapshot_config()`, in attach order (= MMIO window and GSI order)."""
+    from .devices.virtio.mmio import SnapshotRefused
+    out = []
+    for dev in machine.config.devices:
+        try:
+            out.append(dev.snapshot_config())
+        except SnapshotRefused as e:
+            raise SnapshotError(f"cannot snapshot: {e}") from None
+    return out
+
+
 # -- machines -----------------------------------------------------------------------
 
 def _has_cap(kvm: Any, name: str) -> bool:
@@ -359,6 +384,7 @@ def take_snapshot(machine: Any, directory: str | os.PathLike[str], *, meta: dict
     if missing:
         raise SnapshotError("cannot snapshot: device(s) " + ", ".join(missing) +
                             " have no snapshot_state()/restore_state()")
+    virtio = _virtio_configs(machine)  # before any state: a device that cannot be recreated refuses here
     kvm = machine.kvm
     msr_indices = kvm.get_msr_index_list()
     xsave, xcrs = _has_cap(kvm, "KVM_CAP_XSAVE"), _has_cap(kvm, "KVM_CAP_XCRS")
@@ -366,7 +392,7 @@ def take_snapshot(machine: Any, directory: str | os.PathLike[str], *, meta: dict
     state = {
         "vcpus": [capture_vcpu(v, msr_indices, xsave=xsave, xcrs=xcrs) for v in machine.vcpus],
         "vm": capture_vm(machine.vm),
-        "devices": {k: _state_of(dev) for k, dev in devices},
+        "devices": {k: _state_of(k, dev) for k, dev in devices},
         "kvmpy": {
             "syscall_trap": None if trap is None else {
                 "guest_lstar": {str(k): v for k, v in trap.guest_lstar.items()},
@@ -379,11 +405,8 @@ def take_snapshot(machine: Any, directory: str | os.PathLike[str], *, meta: dict
     }
     c = machine.config
     config = {"kernel": str(c.kernel), "initrd": None if c.initrd is None else str(c.initrd),
-              "cmdline": c.cmdline, "memory": c.memory, "cpus": c.cpus, "quirks": c.quirks, "entry": c.entry}
-    for extra in ("disks", "nets", "vsock"):
-        if getattr(c, extra, None):
-            raise SnapshotError(f"cannot snapshot: the machine has {extra}, whose devices kvmpy cannot "
-                                "snapshot yet")
+              "cmdline": c.cmdline, "memory": c.memory, "cpus": c.cpus, "quirks": c.quirks, "entry": c.entry,
+              "virtio": virtio}
     with machine.console.cond:
         console = bytes(machine.console.data)
     data = SnapshotData(config, [(r.gpa, r.mapping) for r in machine.memory], state, console, dict(meta or {}))
@@ -401,6 +424,8 @@ class RestoreReport:
 def restore_machine(snapshot: Snapshot | str | os.PathLike[str], *,
                     console: Callable[[bytes], None] | None = None, kvm: Any = None) -> tuple[Any, RestoreReport]:
     """A new `Machine` in the snapshot's state, its vCPUs not yet started: call `start()`."""
+    from .devices.virtio.attach import devices_from_snapshot
+    from .devices.virtio.mmio import SnapshotRefused
     from .machine import Machine, MachineConfig  # the machine layer sits above this module's users
 
     t0 = time.perf_counter()
@@ -409,11 +434,16 @@ def restore_machine(snapshot: Snapshot | str | os.PathLike[str], *,
     config = MachineConfig(kernel=Path(c["kernel"]), initrd=None if c["initrd"] is None else Path(c["initrd"]),
                            cmdline=c["cmdline"], memory=int(c["memory"]), cpus=int(c["cpus"]),
                            quirks=c["quirks"], entry=c["entry"])
+    # Devices first (a missing disk image or a TAP that cannot be made fails before
+    # any VM exists); Machine attaches them, wiring ioeventfd/irqfd as at boot.
+    config.devices = devices_from_snapshot(c["virtio"])
     memory = snap.map_memory()
     try:
         machine = Machine(config, console=console, kvm=kvm, memory=memory)
     except BaseException:
         memory.close()
+        for dev in config.devices:
+            dev.close()
         raise
     try:
         state = snap.state
@@ -430,7 +460,10 @@ def restore_machine(snapshot: Snapshot | str | os.PathLike[str], *,
             if dev is None:
                 raise SnapshotError(f"{snap.directory}: snapshot has device {key}, the restored machine "
                                     f"has only {sorted(devices)}")
-            _restore(dev, dstate)
+            try:
+                _restore(dev, dstate)
+            except SnapshotRefused as e:
+                raise SnapshotError(f"{snap.directory}: restoring {key}: {e}") from None
         k = state["kvmpy"]
         trap = k["syscall_trap"]
         if (trap is None) != (machine.syscall_trap is None):
