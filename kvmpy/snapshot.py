@@ -43,6 +43,7 @@ any vCPU runs. A vsock device with open connections refuses a snapshot.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import mmap
@@ -384,10 +385,22 @@ def take_snapshot(machine: Any, directory: str | os.PathLike[str], *, meta: dict
     if missing:
         raise SnapshotError("cannot snapshot: device(s) " + ", ".join(missing) +
                             " have no snapshot_state()/restore_state()")
-    virtio = _virtio_configs(machine)  # before any state: a device that cannot be recreated refuses here
+    virtio_configs = _virtio_configs(machine)  # first: a device that cannot be recreated refuses here
     kvm = machine.kvm
     msr_indices = kvm.get_msr_index_list()
     xsave, xcrs = _has_cap(kvm, "KVM_CAP_XSAVE"), _has_cap(kvm, "KVM_CAP_XCRS")
+    with contextlib.ExitStack() as quiet:
+        # The vCPUs are paused, but the I/O thread would go on receiving into guest
+        # RAM: holding every transport's lock keeps device state and memory.bin consistent.
+        virtio = getattr(machine, "virtio", None)
+        for slot in (virtio.slots if virtio is not None else ()):
+            quiet.enter_context(slot.transport.lock)
+        return _write_snapshot(machine, directory, meta, virtio_configs, msr_indices, xsave, xcrs)
+
+
+def _write_snapshot(machine: Any, directory: str | os.PathLike[str], meta: dict | None, virtio: list[dict],
+                    msr_indices: list[int], xsave: bool, xcrs: bool) -> Path:
+    devices = _devices(machine)
     trap = machine.syscall_trap
     state = {
         "vcpus": [capture_vcpu(v, msr_indices, xsave=xsave, xcrs=xcrs) for v in machine.vcpus],
