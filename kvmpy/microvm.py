@@ -420,6 +420,16 @@ class MicroVM:
         self = cls.__new__(cls)
         self.config = MicroVMConfig(kernel=c["kernel"], initrd=c["initrd"], cmdline=c["cmdline"],
                                     memory=c["memory"], vcpus=c["cpus"], quirks=c["quirks"])
+        self.config.disks, self.config.nets = [], []
+        for dev, d in zip(machine.config.devices, c["virtio"]):  # what the clone has, its new TAPs included
+            if d["kind"] == "blk":
+                self.config.disks.append(DiskConfig(Path(d["path"]), d["read_only"]))
+            elif d["kind"] == "net":
+                self.config.nets.append(NetConfig(tap=dev.owner.name, mac=d["mac"], host_address=d["host_address"]))
+            elif d["kind"] == "vsock":
+                self.config.vsock = VsockConfig(int(d["cid"]))
+            elif d["kind"] == "rng":
+                self.config.rng = True
         self.console_sink = console_sink
         self.machine = machine
         self._lock = threading.Lock()
