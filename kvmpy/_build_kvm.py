@@ -233,14 +233,21 @@ int kvmpy_run(int fd);
    and in the VMM (between two KVM_RUNs) as log2 histograms per exit reason. */
 #define KVMPY_ACCT_REASONS ...
 #define KVMPY_ACCT_BUCKETS ...
+#define KVMPY_ACCT_PORT_SLOTS ...
 struct kvmpy_acct {
+    int fd;
+    struct kvm_run *run;
     uint64_t t_first, t_enter, t_leave, last_vmm_ns;
     int64_t last;
     uint64_t guest[...];
     uint64_t vmm[...];
     uint64_t vmm_total[...];
+    uint32_t io_key[...];   /* (direction << 16 | port) + 1; 0 = free slot */
+    uint64_t io_count[...];
+    uint64_t io_other;      /* port exits once every slot is taken */
 };
-int kvmpy_run_acct(int fd, struct kvm_run *run, struct kvmpy_acct *a);
+int kvmpy_run_acct(struct kvmpy_acct *a);
+void kvmpy_acct_count_port(struct kvmpy_acct *a, uint32_t key);
 int kvmpy_install_kick_handler(int signo);
 int kvmpy_sigrtmin(void);
 """
@@ -297,13 +304,38 @@ static int kvmpy_run(int fd)
 
 #define KVMPY_ACCT_REASONS 64
 #define KVMPY_ACCT_BUCKETS 64
+#define KVMPY_ACCT_PORT_SLOTS 512  /* a power of two; a guest uses a handful of ports */
 struct kvmpy_acct {
+    int fd;
+    struct kvm_run *run;
     uint64_t t_first, t_enter, t_leave, last_vmm_ns;
     int64_t last;
     uint64_t guest[KVMPY_ACCT_REASONS * KVMPY_ACCT_BUCKETS];
     uint64_t vmm[KVMPY_ACCT_REASONS * KVMPY_ACCT_BUCKETS];
     uint64_t vmm_total[KVMPY_ACCT_REASONS];
+    uint32_t io_key[KVMPY_ACCT_PORT_SLOTS];
+    uint64_t io_count[KVMPY_ACCT_PORT_SLOTS];
+    uint64_t io_other;
 };
+
+/* Count one port exit in the open-addressing table (linear probing). */
+static void kvmpy_acct_count_port(struct kvmpy_acct *a, uint32_t key)
+{
+    unsigned h = (key * 2654435761u) >> 23, i;  /* Knuth's multiplicative hash, 9 bits */
+    for (i = 0; i < KVMPY_ACCT_PORT_SLOTS; i++) {
+        unsigned s = (h + i) & (KVMPY_ACCT_PORT_SLOTS - 1);
+        if (a->io_key[s] == key) {
+            a->io_count[s]++;
+            return;
+        }
+        if (a->io_key[s] == 0) {
+            a->io_key[s] = key;
+            a->io_count[s] = 1;
+            return;
+        }
+    }
+    a->io_other++;
+}
 
 static inline uint64_t kvmpy_now(void)
 {
@@ -319,12 +351,15 @@ static inline unsigned kvmpy_bucket(uint64_t ns)
     return b < KVMPY_ACCT_BUCKETS ? b : KVMPY_ACCT_BUCKETS - 1;
 }
 
-/* KVM_RUN, accounted: returns 0 or -errno like kvmpy_run. An interrupted run
-   counts as KVM_EXIT_INTR; reasons past the table share its last row. */
-static int kvmpy_run_acct(int fd, struct kvm_run *run, struct kvmpy_acct *a)
+/* KVM_RUN on a->fd, accounted: returns 0 or -errno like kvmpy_run. An
+   interrupted run counts as KVM_EXIT_INTR; reasons past the table share its
+   last row. Port I/O exits are also counted by port and direction. One
+   pointer argument: each cffi argument costs a conversion on every exit. */
+static int kvmpy_run_acct(struct kvmpy_acct *a)
 {
+    struct kvm_run *run = a->run;
     uint64_t t0 = kvmpy_now();
-    int r = ioctl(fd, KVM_RUN, 0) < 0 ? -errno : 0;
+    int r = ioctl(a->fd, KVM_RUN, 0) < 0 ? -errno : 0;
     uint64_t t1 = kvmpy_now();
     unsigned reason;
     if (r == -EINTR || r == -EAGAIN)
@@ -346,6 +381,8 @@ static int kvmpy_run_acct(int fd, struct kvm_run *run, struct kvmpy_acct *a)
     a->last = reason;
     a->t_enter = t0;
     a->t_leave = t1;
+    if (reason == KVM_EXIT_IO)
+        kvmpy_acct_count_port(a, ((uint32_t)run->io.direction << 16 | run->io.port) + 1);
     return r;
 }
 

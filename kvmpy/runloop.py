@@ -65,9 +65,10 @@ class VcpuLoop:
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         acct = self.accounting
-        count_io, count_mmio = acct.count_io, acct.count_mmio
+        count_mmio = acct.count_mmio
         if acct.c is not None:
-            run_raw = functools.partial(vcpu.run_accounted, acct.c)  # timing booked in C
+            acct.bind(vcpu)
+            run_raw = functools.partial(vcpu.run_accounted, acct.c)  # times and ports booked in C
         else:
             run_raw = vcpu.run_raw
         hook = acct.after_exit if acct.per_exit_hook else None
@@ -80,7 +81,6 @@ class VcpuLoop:
             if reason == _IO:
                 io = run.io
                 port, size, count, off = io.port, io.size, io.count, io.data_offset
-                count_io(port, io.direction)
                 if io.direction == _OUT:
                     for i in range(off, off + size * count, size):
                         pio_write(port, size, int.from_bytes(page[i:i + size], "little"))

@@ -82,8 +82,8 @@ class Vcpu:
         return self.run_struct.exit_reason
 
     def run_accounted(self, acct: Any) -> int:
-        """`run_raw`, with the exit booked in `acct` (a `struct kvmpy_acct *`) next to the ioctl."""
-        r = lib.kvmpy_run_acct(self.fd, self.run_struct, acct)
+        """`run_raw`, with the exit booked in `acct` (a `struct kvmpy_acct *` bound to this vCPU)."""
+        r = lib.kvmpy_run_acct(acct)
         if r < 0:
             if r == _NEG_EINTR or r == _NEG_EAGAIN:
                 self.run_struct.immediate_exit = 0

@@ -46,19 +46,25 @@ class NullPort:
         pass
 
 
-def run_once(kvm: kvmpy.Kvm, code: bytes, count: int, accounting: ExitAccounting) -> float:
-    """Nanoseconds per PIO exit for one guest run of `count` outs."""
-    with kvm.create_vm() as vm, kvmpy.GuestMemory(MEM_SIZE) as mem:
-        vm.add_memory(mem)
-        mem.write(ENTRY, code)
-        vcpu = vm.create_vcpu()
-        modes.setup_real_mode(vcpu, ENTRY)
-        regs = vcpu.get_regs()
+class Guest:
+    """One VM for the whole measurement: only the accounting differs between runs."""
+
+    def __init__(self, kvm: kvmpy.Kvm, code: bytes) -> None:
+        self.vm = kvm.create_vm()
+        self.mem = kvmpy.GuestMemory(MEM_SIZE)
+        self.vm.add_memory(self.mem)
+        self.mem.write(ENTRY, code)
+        self.vcpu = self.vm.create_vcpu()
+        self.pio = kvmpy.pio_bus()
+        self.pio.register(PORT, 1, NullPort())
+
+    def run(self, count: int, accounting: ExitAccounting) -> tuple[float, float]:
+        """(wall ns, vCPU-thread CPU ns) per PIO exit for one run of `count` outs."""
+        modes.setup_real_mode(self.vcpu, ENTRY)
+        regs = self.vcpu.get_regs()
         regs.rcx = count
-        vcpu.set_regs(regs)
-        pio = kvmpy.pio_bus()
-        pio.register(PORT, 1, NullPort())
-        loop = kvmpy.VcpuLoop(vcpu, pio, kvmpy.mmio_bus(), accounting=accounting)
+        self.vcpu.set_regs(regs)
+        loop = kvmpy.VcpuLoop(self.vcpu, self.pio, kvmpy.mmio_bus(), accounting=accounting)
         c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
         exit = loop.run()
         t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
@@ -68,13 +74,18 @@ def run_once(kvm: kvmpy.Kvm, code: bytes, count: int, accounting: ExitAccounting
             got = accounting.exits[kvmpy.ExitReason.IO]
             if got != count:
                 raise SystemExit(f"accounting counted {got} IO exits, the guest made {count}")
-    return (t1 - t0) / count, (c1 - c0) / count
+        return (t1 - t0) / count, (c1 - c0) / count
+
+    def close(self) -> None:
+        self.vm.close()
+        self.mem.close()
 
 
 def measure(iterations: int, repeat: int) -> dict:
     code = assemble(GUEST, "16", ENTRY)
     with kvmpy.Kvm() as kvm:
-        run_once(kvm, code, max(iterations // 10, 1), ExitAccounting())  # warm-up
+        guest = Guest(kvm, code)
+        guest.run(max(iterations // 10, 1), ExitAccounting())  # warm-up
         on: list[tuple[float, float]] = []
         off: list[tuple[float, float]] = []
         for i in range(repeat):
@@ -82,7 +93,8 @@ def measure(iterations: int, repeat: int) -> dict:
             order = (True, False) if i % 2 == 0 else (False, True)
             for with_accounting in order:
                 acct = ExitAccounting() if with_accounting else NullAccounting()
-                (on if with_accounting else off).append(run_once(kvm, code, iterations, acct))
+                (on if with_accounting else off).append(guest.run(iterations, acct))
+        guest.close()
     # Wall time is what a user waits; the vCPU thread's CPU time (in the guest,
     # in KVM and in kvmpy) is what accounting adds, without other processes' noise.
     ratios = [a[0] / b[0] for a, b in zip(on, off)]

@@ -7,7 +7,8 @@ in the (reason, log2 ns) bucket of the guest table, whose row sums are the
 exit counts, and the VMM time that ended at this entry (from the previous
 exit to this KVM_RUN) in the previous reason's bucket of the VMM table and
 its nanosecond total. Python only adds the port of an I/O exit and the
-address of an MMIO exit (`count_io`, `count_mmio`): a dict update each.
+address of an MMIO exit (`count_mmio`, a dict update); port exits are
+counted by port and direction in C too, in a small open-addressing table.
 
 Cheapness is the design constraint (issue 6, item 7: at most 5% on the
 exit loop; scripts/bench_stats_overhead.py measures it): done in Python,
@@ -38,6 +39,7 @@ _SHIFT = 6  # NBUCKETS == 1 << _SHIFT: table index = reason << _SHIFT | bucket
 _DIR_SHIFT = 16  # io key = port | direction << 16 (no tuple per exit)
 
 IO_IN, IO_OUT = 0, 1  # KVM_EXIT_IO_IN / _OUT
+_PORT_SLOTS = lib.KVMPY_ACCT_PORT_SLOTS
 
 
 def reason_name(reason: int) -> str:
@@ -70,8 +72,13 @@ class ExitAccounting:
         self.started_ns = perf_counter_ns()
         self.c: Any = ffi.new("struct kvmpy_acct *")
         self.c.last = -1
-        self._io: dict[int, int] = {}
+        self.c.fd = -1
         self._mmio: dict[int, int] = {}
+
+    def bind(self, vcpu: Any) -> None:
+        """Point the C struct at `vcpu` (its fd and kvm_run), before the loop's first KVM_RUN."""
+        self.c.fd = vcpu.fd
+        self.c.run = vcpu.run_struct
 
     def after_exit(self, reason: int) -> None:
         """Called per exit when `per_exit_hook` is set; nothing here."""
@@ -91,6 +98,18 @@ class ExitAccounting:
         return ffi.unpack(self.c.vmm_total, MAX_REASONS)
 
     @property
+    def _io(self) -> dict[int, int]:
+        """{direction << 16 | port: count}, from the C table of port exits."""
+        keys = ffi.unpack(self.c.io_key, _PORT_SLOTS)
+        counts = ffi.unpack(self.c.io_count, _PORT_SLOTS)
+        return {k - 1: n for k, n in zip(keys, counts) if k}
+
+    @property
+    def io_uncounted(self) -> int:
+        """Port exits not counted by port: the table of ports was full (more than 512 ports)."""
+        return self.c.io_other
+
+    @property
     def _t_first(self) -> int:
         return self.c.t_first
 
@@ -106,14 +125,11 @@ class ExitAccounting:
     def _last(self) -> int:
         return self.c.last
 
-    # -- the hot path's Python half (called by the loop on I/O and MMIO exits) -------
+    # -- the hot path's Python half (called by the loop on MMIO exits) ---------------
 
     def count_io(self, port: int, direction: int) -> None:
-        key = port | direction << _DIR_SHIFT
-        try:
-            self._io[key] += 1
-        except KeyError:
-            self._io[key] = 1
+        """Count a port exit by hand (the accounted KVM_RUN counts the loop's own)."""
+        lib.kvmpy_acct_count_port(self.c, (direction << _DIR_SHIFT | port) + 1)
 
     def count_mmio(self, addr: int) -> None:
         try:
@@ -226,6 +242,10 @@ class NullAccounting(ExitAccounting):
 
     def count_mmio(self, addr: int) -> None:
         pass
+
+    @property
+    def _io(self) -> dict[int, int]:
+        return {}
 
     @property
     def _guest(self) -> list[int]:

@@ -284,7 +284,7 @@ def attach(loop: Any, *, every: int | None = None, symbols: SymbolTable | None =
     profile = ExitProfile(loop.vcpu, every, symbols)
     old = loop.accounting
     new = ProfiledAccounting(old.vcpu_id, profile)
-    new.assists, new.started_ns, new._io, new._mmio = old.assists, old.started_ns, old._io, old._mmio
+    new.assists, new.started_ns, new._mmio = old.assists, old.started_ns, old._mmio
     if old.c is not None:
         ffi.memmove(new.c, old.c, ffi.sizeof("struct kvmpy_acct"))
     loop.accounting = new
