@@ -101,6 +101,18 @@ class Outcome:
         return self.status.exit_code
 
 
+def memory_problem(size: int) -> str | None:
+    """What is wrong with `size` bytes as a Linux guest's RAM on this host, or None."""
+    host = psutil.virtual_memory().total
+    if size < MIN_MEMORY:
+        return f"{size >> 20} MiB is too small to boot Linux (at least {MIN_MEMORY >> 20} MiB)"
+    if size > host:
+        return f"{size >> 20} MiB is more than this host has ({host >> 20} MiB)"
+    if size % 4096:
+        return f"{size:#x} bytes is not a multiple of 4 KiB"
+    return None
+
+
 @dataclass
 class MachineConfig:
     """What to boot and on how much machine. Validated by `validate()`."""
@@ -124,13 +136,9 @@ class MachineConfig:
 
     def validate(self) -> None:
         mem = parse_size(self.memory) if isinstance(self.memory, str) else self.memory
-        host = psutil.virtual_memory().total
-        if mem < MIN_MEMORY:
-            raise BootError(f"memory {mem >> 20} MiB is too small to boot Linux (at least {MIN_MEMORY >> 20} MiB)")
-        if mem > host:
-            raise BootError(f"memory {mem >> 20} MiB is more than this host has ({host >> 20} MiB)")
-        if mem % 4096:
-            raise BootError(f"memory {mem:#x} is not a multiple of 4 KiB")
+        problem = memory_problem(mem)
+        if problem:
+            raise BootError(f"memory {problem}")
         if not 1 <= self.cpus <= max_cpus():
             raise BootError(f"cpus {self.cpus}: must be between 1 and {max_cpus()}")
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd),

@@ -28,15 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import psutil
 
 from .devices.virtio.attach import devices_from_config
 from .errors import KvmError
-from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome, Status
+from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome, Status, memory_problem
 from .memory import parse_size
 from .x86.mptable import max_cpus
 
-MIN_MEMORY = 32 << 20
 MAX_CMDLINE = 2047
 IFNAMSIZ = 16
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
@@ -145,13 +143,9 @@ class MicroVMConfig:
             mem = parse_size(self.memory)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"memory: {e}") from None
-        host = psutil.virtual_memory().total
-        if mem < MIN_MEMORY:
-            raise ConfigError(f"memory: {mem >> 20} MiB is too small for Linux (at least {MIN_MEMORY >> 20} MiB)")
-        if mem > host:
-            raise ConfigError(f"memory: {mem >> 20} MiB is more than this host has ({host >> 20} MiB)")
-        if mem % 4096:
-            raise ConfigError(f"memory: {mem:#x} bytes is not a multiple of 4 KiB")
+        problem = memory_problem(mem)
+        if problem:
+            raise ConfigError(f"memory: {problem}")
         self.memory = mem
         if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= max_cpus():
             raise ConfigError(f"vcpus: {self.vcpus!r}; must be an integer from 1 to {max_cpus()}")
