@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-
 from .devices.virtio.attach import devices_from_config
 from .errors import KvmError
 from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome, Status, memory_problem
