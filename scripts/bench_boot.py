@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         notes = []
         for name, seen, _, log in runs:
             if "user space (init marker)" not in seen:
-                tail = [line for line in log.splitlines() if line.strip()][-2:]
-                notes.append(f"- {name} stopped after: `{' / '.join(t.strip()[:150] for t in tail)}`")
+                lines = [line.strip() for line in log.splitlines() if line.strip()]
+                errors = [line for line in lines if "error" in line.lower()]
+                shown = (errors or lines)[-2:]
+                notes.append(f"- {name} stopped after: `{' / '.join(t[:150] for t in shown)}`")
         section = (f"{HEADING}\n\nMeasured {datetime.date.today()} on backend `{detect_backend().value}`, "
                    f"{args.cpus} vCPUs, 128 MiB, kvmpy's kernel ({kernel.version}) and busybox initramfs, "
                    "times from process start.\n\n" + table + "\n\n" + "\n".join(notes) + "\n")
