@@ -28,6 +28,8 @@ import re
 import struct
 import threading
 
+import psutil
+
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -70,15 +72,6 @@ def generated_name() -> str:
                 return name
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def cleanup_stale_taps() -> list[str]:
     """Delete every `kvmpy<pid>-<n>` interface whose pid is dead; returns their names."""
@@ -87,7 +80,7 @@ def cleanup_stale_taps() -> list[str]:
         for link in ipr.get_links():
             name = link.get_attr("IFLA_IFNAME") or ""
             m = NAME_PATTERN.match(name)
-            if m is None or _pid_alive(int(m.group(1))):
+            if m is None or psutil.pid_exists(int(m.group(1))):
                 continue
             try:
                 ipr.link("del", index=link["index"])

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
+
 from ..errors import KvmError
 
 PROTOCOL_VERSION = 1
@@ -68,15 +70,6 @@ def socket_dir(create: bool = True) -> Path:
                    + (f": {last.strerror}" if last else ""))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
 
 @dataclass(frozen=True)
 class SocketInfo:
@@ -96,7 +89,7 @@ def _scan(directory: Path, clean: bool) -> list[SocketInfo]:
         if not m:
             continue
         pid = int(m.group(1))
-        if not _pid_alive(pid):
+        if not psutil.pid_exists(pid):
             if clean:
                 try:
                     p.unlink()
@@ -215,7 +208,7 @@ class ControlServer:
                     conn.close()
                     return
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name=f"kvmpy-control-conn", daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), name="kvmpy-control-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
