@@ -57,8 +57,9 @@ def test_a_few_hundred_vms_leave_no_fds_threads_memory_or_interfaces_behind():
             rss.append(ResourceSnapshot.take().rss)
         assert pool.completed == 400
     after = ResourceSnapshot.take()
-    # fds (VM and vCPU fds), mappings (guest RAM, kvm_run pages) and threads must be exactly back;
-    # RSS may move with allocator high-water marks but not with the number of VMs.
+    # fds (VM and vCPU fds), kvm_run mappings and threads must be exactly back; address space
+    # (where guest RAM shows) and RSS may move with allocator high-water marks but not with the
+    # number of VMs (400 x 16 MiB of guest RAM).
     assert after.leaks_since(before, rss_slack=64 << 20) == []
     assert rss[-1] - rss[0] < 32 << 20, [r >> 20 for r in rss]
 
@@ -66,9 +67,17 @@ def test_a_few_hundred_vms_leave_no_fds_threads_memory_or_interfaces_behind():
 def test_resource_snapshot_reports_what_grew():
     import os
 
+    from kvmpy.kvm import Kvm
+    from kvmpy.memory import GuestMemory
+
     before = ResourceSnapshot.take()
     fd = os.open("/dev/null", os.O_RDONLY)
     try:
         assert "open fds" in " ".join(ResourceSnapshot.take().leaks_since(before))
     finally:
         os.close(fd)
+    # A VM's parts left open: its vCPU's kvm_run page and guest RAM the size of 32 sandboxes.
+    with Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0), GuestMemory("512M"):
+        leaks = " ".join(ResourceSnapshot.take().leaks_since(before))
+        assert "kvm_run mappings" in leaks and "address space grew by" in leaks, leaks
+    assert ResourceSnapshot.take().leaks_since(before) == []
