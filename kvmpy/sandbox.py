@@ -35,7 +35,6 @@ error code). A time budget is a `threading.Timer` that kicks the vCPU
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import struct
 import subprocess
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .bus import mmio_bus, pio_bus
+from .cache import cache_root, store
 from .errors import KvmError
 from .exits import Exit, IntrExit, ShutdownExit
 from .kvm import Kvm
@@ -165,12 +165,6 @@ class Image:
         return cls((Segment(IMAGE_BASE, bytes(code), len(code)),), IMAGE_BASE + entry_offset)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("KVMPY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvmpy")
-    return Path(root) / "sandbox"
-
-
 def _elf_image(elf: bytes, what: str) -> Image:
     """PT_LOAD segments and e_entry of a static ELF64 (System V gABI, "Program Header")."""
     if elf[:4] != b"\x7fELF" or elf[4] != 2:
@@ -200,7 +194,7 @@ def compile_c(source: str, *, entry: str = "guest_main", extra_flags: Sequence[s
     h = hashlib.sha256()
     for part in (source, entry, " ".join(CFLAGS), " ".join(extra_flags), *(p.read_text() for p in runtime)):
         h.update(part.encode() + b"\0")
-    cached = _cache_dir() / f"{h.hexdigest()[:24]}.elf"
+    cached = cache_root() / "sandbox" / f"{h.hexdigest()[:24]}.elf"
     if not cached.exists():
         with tempfile.TemporaryDirectory(prefix="kvmpy-sandbox-") as tmp:
             src, out = Path(tmp) / "guest.c", Path(tmp) / "guest.elf"
@@ -216,11 +210,11 @@ def compile_c(source: str, *, entry: str = "guest_main", extra_flags: Sequence[s
             nm = subprocess.run(["nm", "--defined-only", str(out)], capture_output=True, text=True)
             if f" {entry}\n" not in nm.stdout:
                 raise CompileError(f"the guest source defines no function {entry!r} (the entry point)")
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmpfile = cached.with_suffix(f".{os.getpid()}.tmp")
-            shutil.copyfile(out, tmpfile)
-            tmpfile.replace(cached)
-    return _elf_image(cached.read_bytes(), f"guest C source (entry {entry})")
+            elf = out.read_bytes()
+        store(cached, elf)
+    else:
+        elf = cached.read_bytes()
+    return _elf_image(elf, f"guest C source (entry {entry})")
 
 
 def assemble_image(source: str) -> Image:

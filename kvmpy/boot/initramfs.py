@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import stat
 import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Mapping
+
+from ..cache import cache_root, store
 
 NEWC_MAGIC = b"070701"
 TRAILER_NAME = "TRAILER!!!"
@@ -261,18 +262,9 @@ class Initramfs:
 
     def write(self, path: Path, *, compress: bool = False) -> Path:
         """Write the archive atomically (temp file + rename)."""
-        return _write_atomic(Path(path), self.to_bytes(compress=compress))
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
+        path = Path(path)
+        store(path, self.to_bytes(compress=compress))
+        return path
 
 
 # --------------------------------------------------------------------------
@@ -379,17 +371,10 @@ def build_busybox_initramfs(init_script: str = DEFAULT_INIT, *,
     """
     image = busybox_initramfs(init_script, extra_files=extra_files)
     data = image.to_bytes(compress=compress)
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_root()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     suffix = ".cpio.gz" if compress else ".cpio"
     path = root / f"initramfs-{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
     if path.is_file() and path.stat().st_size == len(data):
         return path
-    return _write_atomic(path, data)
-
-
-def _default_cache_root() -> Path:
-    # The guest kernel and the initramfs share one cache root; its rule lives
-    # with the kernel build driver.
-    from kvmpy.guest.build import default_cache_root
-
-    return default_cache_root()
+    store(path, data)
+    return path

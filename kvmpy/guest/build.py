@@ -5,7 +5,7 @@ microvm.config (scripts/kconfig/merge_config.sh -m, then `make olddefconfig`),
 check that kconfig kept every option of the fragment, `make vmlinux bzImage`,
 and copy the results into a cache directory keyed by a hash of the inputs.
 
-Cache layout under the cache root (see `default_cache_root`):
+Cache layout under the cache root (see `kvmpy.cache.cache_root`):
 
     kernel-<hash16>/            finished artifacts; appears by an atomic rename,
                                 so a half-done build is never taken as done
@@ -35,6 +35,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Protocol, Sequence
+
+from ..cache import cache_root
 
 # Bump when the recipe below changes in a way that changes the artifacts
 # (make targets, ARCH, environment, steps): it is part of the cache key.
@@ -246,16 +248,6 @@ def cache_key(
     return h.hexdigest()[:16]
 
 
-def default_cache_root(env: Mapping[str, str] | None = None) -> Path:
-    """$KVMPY_CACHE, else $XDG_CACHE_HOME/kvmpy, else ~/.cache/kvmpy."""
-    env = os.environ if env is None else env
-    if env.get("KVMPY_CACHE"):
-        return Path(env["KVMPY_CACHE"]).expanduser()
-    if env.get("XDG_CACHE_HOME"):
-        return Path(env["XDG_CACHE_HOME"]).expanduser() / "kvmpy"
-    return Path.home() / ".cache" / "kvmpy"
-
-
 # --------------------------------------------------------------------------
 # Artifacts
 # --------------------------------------------------------------------------
@@ -314,7 +306,7 @@ def load_cached_kernel(artifact_dir: Path) -> KernelArtifacts | None:
 
 def find_cached_kernel(cache_dir: Path | None = None) -> KernelArtifacts | None:
     """The cached kernel for the current inputs, without building (None if absent)."""
-    root = cache_dir if cache_dir is not None else default_cache_root()
+    root = cache_dir if cache_dir is not None else cache_root()
     source = find_linux_source()
     key = cache_key(FRAGMENT_PATH.read_bytes(), source)
     return load_cached_kernel(root / f"kernel-{key}")
@@ -666,7 +658,7 @@ def build_kernel(cache_dir: Path | None = None, *, jobs: int | None = None,
     """
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs={jobs}: must be at least 1 (or None for nproc)")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     fragment_bytes = FRAGMENT_PATH.read_bytes()
     # Fail on a malformed fragment before spending minutes on extraction.
     parse_config_fragment(fragment_bytes.decode(), origin=str(FRAGMENT_PATH))

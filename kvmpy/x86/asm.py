@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from ..cache import cache_root, store
 from ..errors import KvmError
 
 _DIRECTIVE = {"16": ".code16", "32": ".code32", "64": ".code64"}
@@ -32,12 +32,6 @@ def _tool(name: str) -> str:
     return path
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("KVMPY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvmpy")
-    return Path(root) / "asm"
-
-
 @functools.lru_cache(maxsize=256)
 def assemble(source: str, mode: str = "64", origin: int = 0x1000) -> bytes:
     """Machine code for `source` assembled at address `origin` in 16/32/64-bit mode."""
@@ -45,7 +39,7 @@ def assemble(source: str, mode: str = "64", origin: int = 0x1000) -> bytes:
         raise ValueError(f"mode must be '16', '32' or '64', not {mode!r}")
     text = f"{_DIRECTIVE[mode]}\n.text\n.globl _start\n_start:\n{source}\n"
     key = hashlib.sha256(f"{mode}:{origin:#x}:{text}".encode()).hexdigest()[:24]
-    cached = _cache_dir() / f"{key}.bin"
+    cached = cache_root() / "asm" / f"{key}.bin"
     if cached.exists():
         return cached.read_bytes()
     with tempfile.TemporaryDirectory(prefix="kvmpy-asm-") as tmp:
@@ -56,10 +50,7 @@ def assemble(source: str, mode: str = "64", origin: int = 0x1000) -> bytes:
               "--oformat", "elf64-x86-64", "-o", str(elf), str(obj)], source)
         _run([_tool("objcopy"), "-O", "binary", "-j", ".text", str(elf), str(out)], source)
         code = out.read_bytes()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmpfile = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmpfile.write_bytes(code)
-    tmpfile.replace(cached)
+    store(cached, code)
     return code
 
 

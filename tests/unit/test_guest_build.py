@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.cache import cache_root
 from kvmpy.guest import build
 from kvmpy.guest.build import (
     BUILD_RECIPE_VERSION,
@@ -24,7 +25,6 @@ from kvmpy.guest.build import (
     SourceTarball,
     cache_key,
     check_fragment_applied,
-    default_cache_root,
     find_dropped_options,
     find_linux_source,
     load_cached_kernel,
@@ -157,10 +157,10 @@ def test_cache_key_ignores_the_tarball_directory(tmp_path: Path) -> None:
     assert cache_key(b"x", moved) == cache_key(b"x", source)
 
 
-def test_default_cache_root_precedence(tmp_path: Path) -> None:
-    assert default_cache_root({"KVMPY_CACHE": "/c", "XDG_CACHE_HOME": "/x"}) == Path("/c")
-    assert default_cache_root({"XDG_CACHE_HOME": "/x"}) == Path("/x/kvmpy")
-    assert default_cache_root({}) == Path.home() / ".cache" / "kvmpy"
+def test_cache_root_precedence(tmp_path: Path) -> None:
+    assert cache_root({"KVMPY_CACHE": "/c", "XDG_CACHE_HOME": "/x"}) == Path("/c")
+    assert cache_root({"XDG_CACHE_HOME": "/x"}) == Path("/x/kvmpy")
+    assert cache_root({}) == Path.home() / ".cache" / "kvmpy"
 
 
 def test_missing_linux_source_says_how_to_install_it(tmp_path: Path) -> None:
