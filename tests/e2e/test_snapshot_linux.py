@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from kvmpy.machine import DEFAULT_CMDLINE, MachineConfig
+from kvmpy.machine import DEFAULT_CMDLINE
 from kvmpy.microvm import MicroVM, MicroVMConfig, NetConfig
 from kvmpy.snapshot import Snapshot
 

@@ -477,7 +477,7 @@ def test_vmovdqa_ymm_load_copy_store_keeps_all_256_bits(kvm):
     if " avx " not in open("/proc/cpuinfo").read(8192):
         pytest.skip("no AVX on this host")
     pattern = bytes(range(32))
-    body = f"""
+    body = """
         mov %cr4, %rax
         or $0x40000, %rax           # OSXSAVE
         mov %rax, %cr4

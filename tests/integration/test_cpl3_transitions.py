@@ -115,7 +115,7 @@ def _guest(guest, user_code: str, *, trap: bool = False):
 
 
 def _syscall_user() -> str:
-    return f"""
+    return """
     syscall
     incq 0x90028                    # back in user mode after sysretq
     hlt                             # CPL3 hlt: #GP ends the test
@@ -185,7 +185,7 @@ def test_syscall_trap_enters_the_kernel_at_cpl0_and_sysret_returns(guest):
 
 @pytest.mark.skipif(not PVM, reason="the syscall trap is only applied on the PVM backend")
 def test_syscall_trap_survives_many_round_trips(guest):
-    g, loop = _guest(guest, f"""
+    g, loop = _guest(guest, """
     mov $200, %r12
 1:  syscall
     dec %r12
