@@ -36,9 +36,10 @@ stop the VM. Exit status: 0 guest powered off, 1 error, 3 guest rebooted
 from the host (Ctrl-A x, Ctrl-C, --timeout), and (code << 1) | 1 when the
 guest wrote code to --debug-exit, as QEMU.
 
-Host quirks: on a software KVM backend (PVM) kvmpy completes instructions
-the backend cannot emulate and adds command-line feature masks; on VT-x or
-AMD-V hosts it changes nothing. --quirks overrides the detected choice.
+Host quirks: kvmpy completes instructions KVM failed to emulate (on any
+host; this only happens where KVM's emulator has gaps); on a software KVM
+backend (PVM) it also adds command-line feature masks and routes guest
+syscalls. --quirks none turns all of it off; --quirks pvm forces the PVM set.
 """
 
 

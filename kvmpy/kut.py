@@ -9,10 +9,11 @@ scripts/common.bash (sections `[name]`; `file`, `smp`, `test_args`,
 `check`, `accel`, `timeout`), and runs each entry's .flat.
 
 Each test runs in its own subprocess (`python -m kvmpy.kut run-one ...`) on
-a small machine assembled here from the core API: guest RAM (128 MiB or
-`-m`), the multiboot loader with the environment module and the command
-line, in-kernel irqchip + PIT, COM1, isa-debug-exit, fw_cfg, pc-testdev,
-ACPI tables with a PM timer, N vCPUs on threads, instruction completion on.
+kvmpy's `Machine` (the one that boots Linux): guest RAM (128 MiB or `-m`),
+the multiboot loader with the environment module and the command line,
+in-kernel irqchip + PIT, COM1, QEMU's test devices (isa-debug-exit, fw_cfg,
+pc-testdev, ACPI tables with a PM timer and S3 wake-up), N vCPUs on
+threads, instruction completion on.
 The parent kills a subprocess that outlives its timeout, so no test hangs.
 
 Verdict (as QEMU's scripts/runtime.bash): debug-exit status 1 -> PASS,
@@ -42,7 +43,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,8 +50,6 @@ from typing import Any, Sequence
 
 DEFAULT_TIMEOUT = 90.0  # scripts/runtime.bash: TIMEOUT default 90s
 DEFAULT_MEMORY = 128 << 20  # QEMU's default -m
-COM1_PORT = 0x3F8
-COM1_IRQ = 4
 
 # -cpu +feat/-feat that kvmpy can express in the CPUID table: (leaf, subleaf, register, bit).
 CPU_FEATURES: dict[str, tuple[int, int, str, int]] = {
@@ -227,146 +225,64 @@ def _cpuid_table(kvm: Any, opts: MachineOptions, apic_id: int, ncpus: int) -> li
 
 
 class KutMachine:
-    """A VM for one kvm-unit-tests binary: `run(timeout)` returns the exit status QEMU would."""
+    """A `Machine` for one kvm-unit-tests binary: `run(timeout)` returns the exit status QEMU would.
+
+    The test is a multiboot kernel with the environment file as its module
+    and QEMU's test devices (isa-debug-exit, pc-testdev, fw_cfg, ACPI with
+    S3 wake-up); memory, PIT and each vCPU's CPUID table come from the
+    entry's QEMU parameters. QEMU runs the tests with -no-reboot, so a VM
+    that ends any other way than through isa-debug-exit has status 0.
+    """
 
     def __init__(self, flat: Path, *, smp: int = 1, args: Sequence[str] = (), params: str = "",
                  env: str = "", output: Any = None) -> None:
-        from .assists import Assists
-        from .boot.multiboot import load_multiboot
-        from .bus import mmio_bus, pio_bus
-        from .devices.fw_cfg import FW_CFG_PORT_SEL, FW_CFG_PORTS, FwCfg
-        from .devices.rtc import CmosRtc
-        from .devices.serial import Serial16550
-        from .devices.testdev import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit, PcTestDev
-        from .kvm import Kvm
-        from .memory import GuestMemory
-        from .runloop import VcpuLoop
-        from .x86 import acpi, modes
+        from .machine import Machine, MachineConfig
 
         self.opts = parse_qemu_params(params)
         self.output = output or (lambda b: (sys.stdout.buffer.write(b), sys.stdout.buffer.flush()))
-        self.status: int | None = None
         self.error: str | None = None
-        self._done = threading.Event()
-        self.memory = GuestMemory(self.opts.memory)
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
         self._env = tempfile.NamedTemporaryFile("w", prefix="kvmpy-kut-env-", delete=False)
         self._env.write(env)
         self._env.close()
-        boot = load_multiboot(self.memory, flat, cmdline=" ".join(args), modules=[(self._env.name, "")])
-        acpi.write_acpi_tables(self.memory)
-        vm = self.vm
-        vm.set_tss_addr()
-        vm.set_identity_map_addr()
-        vm.create_irqchip()
-        if self.opts.pit:
-            vm.create_pit2()
-        vm.add_memory(self.memory)
-
-        self.pio, self.mmio = pio_bus(), mmio_bus()
-        self.serial = Serial16550(self.output, irq=lambda level: vm.irq_line(COM1_IRQ, int(level)))
-        self.pio.register(COM1_PORT, 8, self.serial, "COM1")
-        self.debug_exit = DebugExit(self._on_debug_exit)
-        self.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit, "isa-debug-exit")
-        self.fw_cfg = FwCfg(ram_size=self.opts.memory, nb_cpus=smp)
-        self.pio.register(FW_CFG_PORT_SEL, FW_CFG_PORTS, self.fw_cfg, "fw_cfg")
-        self.testdev = PcTestDev(irq_line=lambda n, level: vm.irq_line(n, level))
-        self.testdev.register(self.pio, self.mmio)
-        self.pio.register(acpi.PM1A_EVT_BLK, 8, acpi.Pm1Registers(on_sleep=self._on_sleep), "pm1a")
-        self.pio.register(0x70, 2, CmosRtc(), "cmos rtc")
-        self._resume_pending = False
-        self.pio.register(acpi.PM_TMR_BLK, 4, acpi.PmTimer(), "pm timer")
-
-        self.vcpus = []
-        self.loops = []
-        for i in range(smp):
-            vcpu = vm.create_vcpu(i)
-            vcpu.set_cpuid2(_cpuid_table(self.kvm, self.opts, i, smp))
-            self.vcpus.append(vcpu)
-            self.loops.append(VcpuLoop(vcpu, self.pio, self.mmio,
-                                       assists=Assists(self.memory, mmio_bus=self.mmio)))
-        from ._kvm import lib
-        self.loops[0].handlers[lib.KVM_EXIT_INTR] = self._resume
-        modes.setup_protected_mode(self.vcpus[0], self.memory, boot.rip, stack=0,
-                                   regs={"rax": boot.rax, "rbx": boot.rbx})
-
-    def _on_sleep(self, slp_typ: int) -> None:
-        # S3: the boot CPU "wakes" at the firmware waking vector. The `out` that asked
-        # for it must complete first, so the state is changed at the next KVM_RUN's
-        # immediate exit (KVM API: complete pending I/O before KVM_SET_REGS).
-        if slp_typ == 1:
-            self._resume_pending = True
-            self.vcpus[0].run_struct.immediate_exit = 1
-
-    def _resume(self, exit: Any) -> bool:
-        from .x86 import acpi, modes
-        if not self._resume_pending:
-            return True
-        self._resume_pending = False
-        vcpu = self.vcpus[0]
-        vector = self.memory.read_u32(acpi.FACS_WAKING_VECTOR)
-        # The state a BIOS resume path leaves: real mode, CS:IP = vector>>4 : vector&0xf.
-        s = vcpu.get_sregs()
-        for seg, sel, typ in ((s.cs, vector >> 4, 0xB), (s.ds, 0, 3), (s.es, 0, 3), (s.fs, 0, 3),
-                              (s.gs, 0, 3), (s.ss, 0, 3)):
-            seg.selector, seg.base, seg.limit, seg.type = sel, sel << 4, 0xFFFF, typ
-            seg.present, seg.s, seg.dpl, seg.db, seg.l, seg.g, seg.avl, seg.unusable = 1, 1, 0, 0, 0, 0, 0, 0
-        s.cr0 &= ~(modes.CR0_PE | modes.CR0_PG)
-        s.cr4 = 0
-        s.efer = 0
-        vcpu.set_sregs(s)
-        regs = vcpu.get_regs()
-        regs.rip, regs.rflags = vector & 0xF, modes.RFLAGS_RESERVED
-        vcpu.set_regs(regs)
-        return True
-
-    def _on_debug_exit(self, code: int) -> None:
-        from .devices.testdev import debug_exit_status
-        self._finish(debug_exit_status(code))
-
-    def _finish(self, status: int, error: str | None = None) -> None:
-        if self.status is None:
-            self.status = status
-            self.error = error
-        self._done.set()
-        for loop in self.loops:
-            loop.stop()
-
-    def _thread(self, loop: Any) -> None:
-        from .errors import KvmError
-        from .exits import ShutdownExit
+        opts = self.opts
+        config = MachineConfig(kernel=Path(flat), cmdline=" ".join(args), memory=opts.memory, cpus=smp,
+                               entry="multiboot", modules=[(Path(self._env.name), "")],
+                               test_devices=("debug-exit", "testdev", "fw-cfg", "acpi"), pit=opts.pit,
+                               cpuid=lambda kvm, apic_id, ncpus: _cpuid_table(kvm, opts, apic_id, ncpus))
         try:
-            exit = loop.run()
-            if not self._done.is_set():
-                kind = "triple fault" if isinstance(exit, ShutdownExit) else f"exit {exit.name}"
-                self._finish(0, f"vcpu {loop.vcpu.id}: {kind}")  # QEMU --no-reboot: status 0
-        except KvmError as e:
-            self._finish(0, str(e))
-        except Exception as e:  # a VMM bug: report it, never hang the other vCPUs
-            self._finish(0, f"vcpu {loop.vcpu.id}: {type(e).__name__}: {e}")
+            self.machine = Machine(config, console=self.output)
+        except BaseException:
+            os.unlink(self._env.name)
+            raise
+
+    @property
+    def mmio(self) -> Any:
+        return self.machine.mmio
 
     def run(self, timeout: float) -> int:
-        threads = [threading.Thread(target=self._thread, args=(loop,), daemon=True) for loop in self.loops]
-        for t in threads:
-            t.start()
-        if not self._done.wait(timeout):
-            self._finish(124, f"timeout after {timeout:g} s")
-        for t in threads:
-            t.join(2)
-        return self.status if self.status is not None else 0
+        from .machine import Status
+
+        m = self.machine
+        m.start()
+        outcome = m.wait(timeout)
+        if outcome is None:
+            m.stop(f"timeout after {timeout:g} s")
+            self.error = f"timeout after {timeout:g} s"
+            return 124
+        if outcome.status is Status.DEBUG_EXIT:
+            return outcome.exit_code
+        self.error = outcome.detail  # QEMU -no-reboot: a triple fault or an error ends with status 0
+        return 0
 
     def completions(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for loop in self.loops:
+        for loop in self.machine.loops:
             for k, v in loop.assists.completed.items():
                 out[k] = out.get(k, 0) + v
         return out
 
     def close(self) -> None:
-        self.vm.close()
-        self.memory.close()
-        self.kvm.close()
+        self.machine.close()
         os.unlink(self._env.name)
 
 

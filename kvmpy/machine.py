@@ -5,7 +5,9 @@ and initrd are loaded into (not yet registered) guest memory first, so a bad
 image fails before any VM exists. Then the VM gets its in-kernel irqchip
 (PIC, IOAPIC, LAPICs) and PIT, the memory slots, COM1 and the i8042, and one
 vCPU per CPU. The boot CPU starts at the kernel's entry; the others wait in
-KVM for the INIT/SIPI the guest sends through its LAPIC.
+KVM for the INIT/SIPI the guest sends through its LAPIC. QEMU's test devices
+(isa-debug-exit, pc-testdev, fw_cfg, ACPI with S3 wake-up) come on request:
+the kvm-unit-tests runner (kvmpy/kut.py) runs its tests on this machine.
 
 How the guest stopped becomes an `Outcome` and a process exit status:
 power-off (console line "reboot: Power down": a kernel without ACPI halts
@@ -25,6 +27,7 @@ from typing import Callable
 
 import psutil
 
+from ._kvm import lib
 from .assists import Assists
 from .boot.linux import BootEntry, kernel_info, load_linux
 from .boot.multiboot import load_multiboot
@@ -63,6 +66,8 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 nomodule i8042.noaux i8042.no
 
 MIN_MEMORY = 32 << 20
 TEST_DEVICES = ("debug-exit", "testdev", "fw-cfg", "acpi")
+
+_EXIT_INTR = lib.KVM_EXIT_INTR
 
 POWER_OFF_MARKER = b"reboot: Power down"
 HALT_MARKER = b"reboot: System halted"
@@ -129,10 +134,13 @@ class MachineConfig:
     # at 0xf4: the VM ends with status (code << 1) | 1), "testdev" (pc-testdev
     # ports and MMIO buffer), "fw-cfg" (0x510), "acpi" (RSDP/RSDT/FADT, PM timer).
     test_devices: tuple[str, ...] = ()
-    # -- virtio hook (issue 5; minimal, until disks/nets/vsock options exist) --
     # `kvmpy.devices.virtio` devices (BlockDevice, NetDevice, EntropyDevice,
     # VsockDevice), attached in order at 0xd0000000 + n*4K, GSI 5, 6, 7, 9, ...
     devices: list = field(default_factory=list)
+    pit: bool = True  # the in-kernel i8254 (QEMU's -machine pit=off drops it)
+    # Each vCPU's CPUID table: cpuid(kvm, apic_id, cpus) -> entries. None: KVM's
+    # supported table with the topology of `cpus` (kvmpy.x86.cpuid.vcpu_cpuid).
+    cpuid: Callable[[Kvm, int, int], list] | None = None
 
     def validate(self) -> None:
         mem = parse_size(self.memory) if isinstance(self.memory, str) else self.memory
@@ -202,10 +210,14 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._scan_from = 0
         self._paused = False
-        self.multiboot = False
         self.stats_source: MachineStats | None = None
         self.control: ControlServer | None = None
 
+        self.multiboot = config.entry == "multiboot" or (
+            config.entry == "auto" and Path(config.kernel).is_file() and kernel_info(config.kernel).kind == "multiboot")
+        # The syscall trap is built around Linux's GDT and page-table layout; a multiboot
+        # kernel (a kvm-unit-test, say) gets the backend as it is.
+        self._trap_syscalls = self.quirks.syscall_trap and not self.multiboot
         self.memory = memory if memory is not None else GuestMemory(config.memory)
         try:
             if not self._restoring:
@@ -227,9 +239,7 @@ class Machine:
     def _load(self) -> BootEntry:
         """Load the kernel by its kind: Linux (bzImage, vmlinux, PVH) or multiboot."""
         config = self.config
-        reserved = syscall_trap.RESERVED if self.quirks.syscall_trap else ()
-        self.multiboot = config.entry == "multiboot" or (
-            config.entry == "auto" and kernel_info(config.kernel).kind == "multiboot")
+        reserved = syscall_trap.RESERVED if self._trap_syscalls else ()
         if self.multiboot:
             if config.initrd is not None:
                 raise BootError(f"{config.kernel}: a multiboot kernel takes modules, not an initrd")
@@ -254,7 +264,8 @@ class Machine:
         vm.set_tss_addr()
         vm.set_identity_map_addr()
         vm.create_irqchip()
-        vm.create_pit2()
+        if self.config.pit:
+            vm.create_pit2()
         vm.add_memory(self.memory)
 
         self.pio: Bus = pio_bus()
@@ -268,19 +279,22 @@ class Machine:
         self._attach_test_devices()
         self._attach_virtio()
 
-        supported = self.kvm.get_supported_cpuid()
+        cpus, cpuid = self.config.cpus, self.config.cpuid
+        supported = self.kvm.get_supported_cpuid() if cpuid is None else []
         self.vcpus: list[Vcpu] = []
         self.loops: list[VcpuLoop] = []
-        for i in range(self.config.cpus):
+        for i in range(cpus):
             vcpu = vm.create_vcpu(i)
-            vcpu.set_cpuid2(vcpu_cpuid(supported, i, self.config.cpus))
+            vcpu.set_cpuid2(vcpu_cpuid(supported, i, cpus) if cpuid is None else cpuid(self.kvm, i, cpus))
             self.vcpus.append(vcpu)
             assists = Assists(self.memory, enabled=self.quirks.emulation_assists, mmio_bus=self.mmio)
             loop = VcpuLoop(vcpu, self.pio, self.mmio, assists=assists)
             self.loops.append(loop)
+        if "acpi" in self.config.test_devices:
+            self.loops[0].handlers[_EXIT_INTR] = self._wake_from_s3
 
         self.syscall_trap: syscall_trap.SyscallTrap | None = None
-        if self.quirks.syscall_trap:
+        if self._trap_syscalls:
             self.syscall_trap = syscall_trap.SyscallTrap(vm, self.memory)
             for loop in self.loops:
                 self.syscall_trap.attach(loop)
@@ -304,8 +318,26 @@ class Machine:
             self.fw_cfg = FwCfg(ram_size=self.memory.size, nb_cpus=self.config.cpus)
             self.pio.register(FW_CFG_PORT_SEL, FW_CFG_PORTS, self.fw_cfg, "fw_cfg")
         if "acpi" in wanted:
-            self.pio.register(acpi.PM1A_EVT_BLK, 8, acpi.Pm1Registers(), "pm1a")
+            self._s3_pending = False
+            self.pio.register(acpi.PM1A_EVT_BLK, 8, acpi.Pm1Registers(on_sleep=self._on_acpi_sleep), "pm1a")
             self.pio.register(acpi.PM_TMR_BLK, 4, acpi.PmTimer(), "pm timer")
+
+    def _on_acpi_sleep(self, slp_typ: int) -> None:
+        # S3: the boot CPU wakes at once at the firmware waking vector, as if a
+        # wake event came. The `out` that asked for it must complete first (KVM
+        # API: complete pending I/O before KVM_SET_REGS), so the state changes
+        # in the boot CPU's thread at its next KVM_RUN, which the kick ends at once.
+        if slp_typ == 1:
+            self._s3_pending = True
+            self.vcpus[0].kick()
+
+    def _wake_from_s3(self, exit: IntrExit) -> bool:
+        if self._s3_pending:
+            self._s3_pending = False
+            vector = self.memory.read_u32(acpi.FACS_WAKING_VECTOR)
+            # What a BIOS resume path leaves (ACPI 1.0b, 9.3.2): real mode, CS:IP = vector>>4 : vector&0xf.
+            modes.setup_real_mode(self.vcpus[0], vector, cs=vector >> 4, stack=None)
+        return True
 
     # -- virtio hook (issue 5) ----------------------------------------------------
 

@@ -55,10 +55,16 @@ PVM_CLEARCPUID = (
 
 @dataclass(frozen=True)
 class Quirks:
-    """What kvmpy changes for a backend; all off on hardware hosts."""
+    """What kvmpy changes for a backend.
+
+    Instruction completion is on everywhere: it acts only when KVM gives up
+    on an instruction (KVM_EXIT_INTERNAL_ERROR, emulation), which on a
+    hardware host happens only where its emulator has gaps (nested setups,
+    older kernels). The rest is for the PVM backend only.
+    """
 
     backend: Backend
-    emulation_assists: bool = False  # complete int3/fwait after an emulation failure
+    emulation_assists: bool = False  # complete instructions KVM failed to emulate (kvmpy/assists.py)
     cmdline: str = ""  # extra Linux command-line words
     tsc_khz_on_cmdline: bool = False  # pass tsc_early_khz=: no PV clock, no calibration loops
     syscall_trap: bool = False  # route guest SYSCALL through the VMM (LSTAR trap)
@@ -72,7 +78,7 @@ class Quirks:
             return f"{self.backend.value}: no quirks"
         parts = []
         if self.emulation_assists:
-            parts.append("int3/fwait completion")
+            parts.append("instruction completion")
         if self.syscall_trap:
             parts.append("syscall trap")
         if self.cmdline:
@@ -89,7 +95,7 @@ def quirks_for(backend: Backend) -> Quirks:
             tsc_khz_on_cmdline=True,
             syscall_trap=True,
         )
-    return Quirks(backend)
+    return Quirks(backend, emulation_assists=True)
 
 
 def resolve_quirks(choice: str = "auto") -> Quirks:

@@ -375,11 +375,18 @@ def _has_cap(kvm: Any, name: str) -> bool:
 def take_snapshot(machine: Any, directory: str | os.PathLike[str], *, meta: dict | None = None) -> Path:
     """Write a snapshot of a paused `Machine` into `directory`.
 
-    Refuses (SnapshotError) while vCPUs run, and when a device lacks
-    `snapshot_state`/`restore_state` (naming the device).
+    Refuses (SnapshotError) while vCPUs run, when a device lacks
+    `snapshot_state`/`restore_state` (naming the device), and for a machine
+    with a custom CPUID table or no PIT.
     """
     if not getattr(machine, "paused", False):
         raise SnapshotError("the machine must be paused (Machine.pause()) before a snapshot")
+    config = machine.config
+    if config.cpuid is not None or not config.pit:
+        # The snapshot records the config a restore rebuilds the machine from; these two
+        # (the kvm-unit-tests runner's) are not in it, and a restore without them would differ.
+        raise SnapshotError("cannot snapshot a machine with a custom CPUID table (MachineConfig.cpuid) "
+                            "or without a PIT (MachineConfig.pit=False)")
     devices = _devices(machine)
     missing = [k for k, dev in devices if not _snapshottable(dev)]
     if missing:

@@ -4,7 +4,10 @@
 `lines` on COM1 (polling LSR.THRE like lib/x86/io.c) and writes `exit_code`
 to isa-debug-exit (port 0xf4, outl, as exit() does). `mode="hang"` spins
 instead of exiting, `mode="fwcfg"` prints fw_cfg's CPU count and signature
-first, `mode="args"` prints the command line the loader gave (EBX->cmdline).
+first, `mode="args"` prints the command line the loader gave (EBX->cmdline),
+`mode="s3"` copies a real-mode stub below 1 MiB, puts its address in the
+FACS waking vector, asks for ACPI S3 and, woken there, prints "woke" from
+real mode and exits with `exit_code`.
 A `build_tree()` lays several out like a built kvm-unit-tests tree.
 """
 
@@ -12,6 +15,10 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+
+from kvmpy.x86.acpi import FACS_WAKING_VECTOR, PM1A_CNT_BLK
+
+WAKE_ADDR = 0x8000
 
 _LD = """
 OUTPUT_FORMAT("elf32-i386")
@@ -45,6 +52,31 @@ putc:                       # al = byte
 """
 
 
+# Real mode, position-independent (relative jumps only): run at WAKE_ADDR.
+_WAKE = """
+    .code16
+wake:
+    mov $0x3f8, %dx
+    mov $'w', %al
+    out %al, (%dx)
+    mov $'o', %al
+    out %al, (%dx)
+    mov $'k', %al
+    out %al, (%dx)
+    mov $'e', %al
+    out %al, (%dx)
+    mov $'\\n', %al
+    out %al, (%dx)
+    mov $0xf4, %dx
+    mov ${code}, %al
+    out %al, (%dx)
+8:  hlt
+    jmp 8b
+wake_end:
+    .code32
+"""
+
+
 def _string(label: str, text: str) -> str:
     return f'{label}: .asciz "{text}\\n"\n'
 
@@ -67,6 +99,11 @@ def build_kernel(directory: Path, name: str, lines: list[str], exit_code: int = 
         data += _string(f"s{i}", text)
     if mode == "hang":
         body += ["5: jmp 5b"]
+    elif mode == "s3":
+        body += ["mov $wake, %esi", f"mov ${WAKE_ADDR:#x}, %edi", "mov $(wake_end - wake), %ecx", "rep movsb",
+                 f"movl ${WAKE_ADDR:#x}, {FACS_WAKING_VECTOR:#x}",
+                 f"mov ${PM1A_CNT_BLK:#x}, %dx", "mov $0x2400, %ax", "out %ax, (%dx)",  # SLP_TYP 1, SLP_EN
+                 "7: jmp 7b"]  # not reached: the machine resumes at the waking vector
     else:
         body += [f"mov ${exit_code}, %eax", "mov $0xf4, %dx", "out %eax, (%dx)", "6: hlt", "jmp 6b"]
     src = f"""
@@ -78,6 +115,7 @@ def build_kernel(directory: Path, name: str, lines: list[str], exit_code: int = 
 start:
     {chr(10).join('    ' + b for b in body)}
 {_PUTS}
+{_WAKE.format(code=exit_code) if mode == "s3" else ""}
     .data
 mbi: .long 0
 {data}

@@ -173,21 +173,33 @@ def _load_tss(sregs: Any, base: int) -> None:
     tr.type, tr.present, tr.s, tr.dpl, tr.db, tr.l, tr.g, tr.unusable = 0xB, 1, 0, 0, 0, 0, 0, 0
 
 
-def setup_real_mode(vcpu: Any, entry: int, *, stack: int = 0x7000) -> None:
-    """Start at physical `entry` in real mode (CS:IP = entry>>4 : entry&0xf when above 64 KiB)."""
+def setup_real_mode(vcpu: Any, entry: int, *, stack: int | None = 0x7000, cs: int | None = None) -> None:
+    """Start at physical `entry` in real mode, from whatever mode the vCPU was in.
+
+    CS:IP is `cs`:(entry - cs*16) when `cs` is given (firmware resuming at a
+    waking vector uses entry>>4), else 0:entry below 64 KiB and entry>>4 &
+    0xF000 above. Segments get real-mode attributes and CR0.PE/PG, CR4 and
+    EFER are cleared. `stack=None` keeps RSP.
+    """
     if not 0 <= entry < 0x100000:
         raise ValueError(f"real-mode entry {entry:#x} is above 1 MiB")
-    cs = 0 if entry < 0x10000 else (entry >> 4) & 0xF000
+    if cs is None:
+        cs = 0 if entry < 0x10000 else (entry >> 4) & 0xF000
+    if not 0 <= entry - (cs << 4) <= 0xFFFF:
+        raise ValueError(f"real-mode entry {entry:#x} is not reachable from CS {cs:#x}")
     s = vcpu.get_sregs()
-    for seg in (s.ds, s.es, s.fs, s.gs, s.ss):
-        seg.base, seg.selector, seg.limit = 0, 0, 0xFFFF
-    s.cs.base, s.cs.selector, s.cs.limit = cs << 4, cs, 0xFFFF
+    for seg, selector, kind in ((s.cs, cs, 0xB), (s.ds, 0, 3), (s.es, 0, 3), (s.fs, 0, 3), (s.gs, 0, 3),
+                                (s.ss, 0, 3)):
+        seg.selector, seg.base, seg.limit, seg.type = selector, selector << 4, 0xFFFF, kind
+        seg.present, seg.s, seg.dpl, seg.db, seg.l, seg.g, seg.avl, seg.unusable = 1, 1, 0, 0, 0, 0, 0, 0
     s.cr0 &= ~(CR0_PE | CR0_PG)
+    s.cr4 = 0
     s.efer = 0
     vcpu.set_sregs(s)
     regs = vcpu.get_regs()
     regs.rip = entry - (cs << 4)
-    regs.rsp = stack
+    if stack is not None:
+        regs.rsp = stack
     regs.rflags = RFLAGS_RESERVED
     vcpu.set_regs(regs)
 

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from kut_kernels import build_kernel, build_tree
-from kvmpy.kut import KutMachine, run_kvm_unit_tests
+from kvmpy.errors import KvmError
+from kvmpy.kut import KutMachine, _cpuid_table, run_kvm_unit_tests
+from kvmpy.platform import Backend, detect_backend
 
+PVM = detect_backend() is Backend.PVM
 pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("as", "ld")), reason="needs binutils")
 
 
@@ -57,6 +60,45 @@ def test_pc_testdev_iomem_is_mapped(tmp_path):
         assert m.run(20) == 1
     finally:
         m.close()
+
+
+def test_s3_sleep_resumes_at_the_facs_waking_vector_in_real_mode(tmp_path):
+    flat = build_kernel(tmp_path, "k", ["sleeping"], exit_code=5, mode="s3")
+    status, out = _machine_output(flat)
+    assert out.splitlines() == ["sleeping", "woke"]
+    assert status == (5 << 1) | 1
+
+
+def test_qemu_cpu_params_shape_each_vcpus_cpuid(tmp_path):
+    flat = build_kernel(tmp_path, "k", [], exit_code=0)
+    m = KutMachine(flat, smp=2, params="-cpu qemu64,-popcnt,+x2apic", output=lambda b: None)
+    try:
+        for apic_id, vcpu in enumerate(m.machine.vcpus):
+            table = _cpuid_table(m.machine.kvm, m.opts, apic_id, 2)  # what the machine gave KVM
+            leaf1 = next(e for e in table if e.function == 1)
+            assert leaf1.ebx >> 24 == apic_id and not leaf1.ecx & (1 << 23) and leaf1.ecx & (1 << 21)
+            # KVM's copy: PVM reports the host's feature bits from KVM_GET_CPUID2 whatever was
+            # set (docs/pvm.md), but keeps the topology; hardware hosts keep everything.
+            got = next(e for e in vcpu.get_cpuid2() if e.function == 1)
+            assert got.ebx >> 24 == apic_id
+            if not PVM:
+                assert (got.ecx, got.edx) == (leaf1.ecx, leaf1.edx)
+    finally:
+        m.close()
+
+
+def test_machine_pit_off_has_no_in_kernel_pit(tmp_path):
+    flat = build_kernel(tmp_path, "k", [], exit_code=0)
+    for params, has_pit in (("", True), ("-machine pit=off", False)):
+        m = KutMachine(flat, params=params, output=lambda b: None)
+        try:
+            if has_pit:
+                m.machine.vm.get_pit2()
+            else:
+                with pytest.raises(KvmError):
+                    m.machine.vm.get_pit2()
+        finally:
+            m.close()
 
 
 def test_runner_verdicts_from_a_built_tree(tmp_path):

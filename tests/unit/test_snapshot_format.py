@@ -8,6 +8,7 @@ import mmap
 import pytest
 
 from kvmpy import snapshot
+from kvmpy.machine import MachineConfig
 from kvmpy.snapshot import (FORMAT_VERSION, Snapshot, SnapshotCorruptError, SnapshotData, SnapshotError,
                             SnapshotVersionError)
 
@@ -195,7 +196,7 @@ def test_snapshot_refuses_a_device_without_the_protocol_naming_it(tmp_path):
     pio, mmio = pio_bus(), mmio_bus()
     pio.register(0x3F8, 8, Serial16550(lambda b: None), "COM1")
     mmio.register(0xD000_0000, 0x1000, Gadget(), "virtio-gadget")
-    machine = SimpleNamespace(paused=True, pio=pio, mmio=mmio)
+    machine = SimpleNamespace(paused=True, pio=pio, mmio=mmio, config=MachineConfig(kernel=tmp_path / "k"))
     with pytest.raises(SnapshotError, match=r"mmio:0xd0000000:virtio-gadget have no snapshot_state"):
         snapshot.take_snapshot(machine, tmp_path / "s")
     assert not (tmp_path / "s").exists()
@@ -206,3 +207,14 @@ def test_snapshot_refuses_a_running_machine(tmp_path):
 
     with pytest.raises(SnapshotError, match="paused"):
         snapshot.take_snapshot(SimpleNamespace(paused=False), tmp_path / "s")
+
+
+@pytest.mark.parametrize("change, what", [({"pit": False}, "without a PIT"),
+                                          ({"cpuid": lambda kvm, i, n: []}, "custom CPUID table")])
+def test_snapshot_refuses_what_a_restore_could_not_rebuild(tmp_path, change, what):
+    from types import SimpleNamespace
+
+    machine = SimpleNamespace(paused=True, config=MachineConfig(kernel=tmp_path / "k", **change))
+    with pytest.raises(SnapshotError, match=what):
+        snapshot.take_snapshot(machine, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
