@@ -90,3 +90,45 @@ def test_both_back_ends_share_the_device_type_and_configuration_space(tmp_path):
     assert dev.device_id == 19 and len(dev.queue_sizes) == 3
     assert dev.config_space() == (0x1234_5678).to_bytes(8, "little")  # struct virtio_vsock_config
     dev.close()
+
+
+# -- `kvmpy run --vsock CID[,backend=...]` and config objects ------------------------------
+
+def test_vsock_argument_keeps_the_plain_cid_form():
+    from kvmpy.devices.virtio.attach import parse_vsock_arg
+    assert parse_vsock_arg("3") == {"cid": 3, "backend": "auto"}
+    assert parse_vsock_arg("7,backend=vhost") == {"cid": 7, "backend": "vhost"}
+    assert parse_vsock_arg("7,backend=userspace") == {"cid": 7, "backend": "userspace"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x", "expected CID"),
+    ("3,backend=qemu", "unknown option 'backend=qemu'"),
+    ("3,uds=/tmp/v", "unknown option 'uds=/tmp/v'"),
+])
+def test_bad_vsock_argument_is_refused_naming_the_options(text, message):
+    from kvmpy.devices.virtio.attach import parse_vsock_arg
+    with pytest.raises(ValueError, match=message):
+        parse_vsock_arg(text)
+
+
+def test_devices_from_config_takes_the_command_line_form(absent_node):
+    from kvmpy.devices.virtio.attach import devices_from_config
+    (dev,) = devices_from_config(vsock="9,backend=userspace", rng=False)
+    dev.close()
+    assert (dev.backend, dev.guest_cid) == ("userspace", 9)
+
+
+def test_devices_from_config_vhost_without_the_node_fails_before_any_vm(absent_node):
+    from types import SimpleNamespace
+
+    from kvmpy.devices.virtio.attach import devices_from_config
+    with pytest.raises(VhostUnavailableError, match="vhost-vsock: no such device"):
+        devices_from_config(vsock=SimpleNamespace(cid=3, backend="vhost"), rng=True)
+
+
+def test_kvmpy_run_reports_a_missing_vhost_vsock_before_booting(absent_node, capsys):
+    from kvmpy.cli import main
+    assert main(["run", "--kernel", "/nonexistent", "--vsock", "3,backend=vhost"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"kvmpy: {absent_node}: no such device") and "modprobe vhost_vsock" in err

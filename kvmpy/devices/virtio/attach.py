@@ -217,6 +217,22 @@ def parse_net_arg(text: str) -> dict[str, str | None]:
     return out
 
 
+def parse_vsock_arg(text: str) -> dict[str, Any]:
+    """`kvmpy run --vsock CID[,backend=auto|vhost|userspace]` -> {"cid": int, "backend": str}."""
+    from .vsock import BACKENDS
+
+    first, *rest = text.split(",")
+    if not first.isdigit():
+        raise ValueError(f"--vsock {text!r}: expected CID[,backend={'|'.join(BACKENDS)}], e.g. 3,backend=vhost")
+    out: dict[str, Any] = {"cid": int(first), "backend": "auto"}
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key != "backend" or value not in BACKENDS:
+            raise ValueError(f"--vsock {text!r}: unknown option {item!r} (backend={'|'.join(BACKENDS)})")
+        out["backend"] = value
+    return out
+
+
 def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vsock: Any = None,
                         rng: bool = True) -> list[VirtioDevice]:
     """Device objects for a machine config, in the order they get MMIO windows.
@@ -224,15 +240,18 @@ def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vso
     `disks`: objects with `path` and `read_only` (e.g. `kvmpy.microvm.DiskConfig`),
     paths, or "IMG[,ro]" strings. `nets`: objects with `tap` (a name or None for a
     generated one) and `mac`, optionally `host_address` and `bridge`, or
-    "tap[=NAME][,ip=...]" strings. `vsock`: an object with `cid` and
-    optionally `uds_path` (default /tmp/kvmpy-<pid>-vsock.sock). On an error
-    the devices made so far are closed again.
+    "tap[=NAME][,ip=...]" strings. `vsock`: an object with `cid`, optionally
+    `backend` ("auto", the default: vhost-vsock when /dev/vhost-vsock exists,
+    else userspace; "vhost"; "userspace") and `uds_path` (the userspace back
+    end's socket, default /tmp/kvmpy-<pid>-vsock.sock), or a
+    "CID[,backend=...]" string. On an error the devices made so far are
+    closed again.
     """
     from ...net.tap import Tap
     from .blk import BlockDevice
     from .net import NetDevice
     from .rng import EntropyDevice
-    from .vsock import VsockDevice
+    from .vsock import vsock_device
 
     made: list[VirtioDevice] = []
     try:
@@ -257,8 +276,9 @@ def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vso
         if rng:
             made.append(EntropyDevice())
         if vsock is not None:
-            uds = getattr(vsock, "uds_path", None) or f"/tmp/kvmpy-{os.getpid()}-vsock.sock"
-            made.append(VsockDevice(uds, vsock.cid))
+            opts = parse_vsock_arg(vsock) if isinstance(vsock, str) else {
+                "cid": vsock.cid, "backend": getattr(vsock, "backend", None) or "auto"}
+            made.append(vsock_device(opts["cid"], backend=opts["backend"], uds_path=getattr(vsock, "uds_path", None)))
     except BaseException:
         for dev in made:
             dev.close()
@@ -354,4 +374,4 @@ def attach_virtio(vm: Any, memory: GuestMemory, mmio_bus: Bus, devices: Iterable
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_FIRST_GSI", "IrqLineInterrupt", "IrqfdInterrupt", "VirtioDevices",
            "VirtioSlot", "attach_virtio", "device_from_snapshot", "devices_from_config",
-           "devices_from_snapshot", "gsis", "parse_disk_arg", "parse_net_arg"]
+           "devices_from_snapshot", "gsis", "parse_disk_arg", "parse_net_arg", "parse_vsock_arg"]
