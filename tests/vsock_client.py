@@ -1,15 +1,35 @@
-"""A small static AF_VSOCK client/server for Linux guests, built on the host with gcc (for the e2e tests).
+"""AF_VSOCK helpers for the tests: a static client/server for Linux guests, and the host's connect timeout.
 
 `vsockt connect CID PORT MSG` sends MSG and prints `VSOCK-REPLY:<reply>`;
 `vsockt listen PORT` prints `VSOCK-LISTENING`, accepts one connection,
 answers "pong:" and what it read, and prints `VSOCK-SERVED:<what it read>`.
+It is built on the host with gcc (`build_vsock_client`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import socket
+import struct
 import subprocess
 from pathlib import Path
+
+SO_VM_SOCKETS_CONNECT_TIMEOUT = 6  # <linux/vm_sockets.h> (named _OLD since 5.14): a struct timeval
+
+
+def set_connect_timeout(sock: socket.socket, seconds: int) -> None:
+    """How long connect() waits for the peer's answer (the kernel's default is 2 s).
+
+    Through libc: Python's setsockopt passes a u64 for every AF_VSOCK
+    option, and this one takes a 16-byte struct timeval.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    tv = struct.pack("qq", seconds, 0)
+    if libc.setsockopt(sock.fileno(), socket.AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, tv, len(tv)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"SO_VM_SOCKETS_CONNECT_TIMEOUT: {os.strerror(err)}")
 
 VSOCK_CLIENT_C = r"""
 #include <sys/socket.h>

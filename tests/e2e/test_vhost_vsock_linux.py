@@ -23,7 +23,6 @@ import errno
 import os
 import re
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from kvmpy.boot.initramfs import INIT_MARKER, busybox_initramfs
 from kvmpy.devices.virtio.vsock import VhostVsockDevice, vhost_vsock_available
 from kvmpy.errors import VsockCidInUseError
 from kvmpy.machine import DEFAULT_CMDLINE, Machine, MachineConfig
-from vsock_client import build_vsock_client
+from vsock_client import build_vsock_client, set_connect_timeout
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.kvm,
@@ -46,7 +45,6 @@ CLOSED_PORT = 7777
 GUEST_PORT = 6000
 HOST_PORT = 20000 + os.getpid() % 10000
 CONNECT_TIMEOUT = 60  # the kernel's default is 2 s; a slow guest still answers well within this
-SO_VM_SOCKETS_CONNECT_TIMEOUT = 6  # <linux/vm_sockets.h> (the _OLD name since 5.14): a struct timeval
 DRIVER_DIR = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport"  # virtio_transport.c's KBUILD_MODNAME
 
 
@@ -77,7 +75,7 @@ def vhost_device() -> VhostVsockDevice:
 
 def vsock_socket() -> socket.socket:
     s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    s.setsockopt(socket.AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, struct.pack("qq", CONNECT_TIMEOUT, 0))
+    set_connect_timeout(s, CONNECT_TIMEOUT)
     return s
 
 
@@ -125,8 +123,13 @@ def session(guest_artifacts, tmp_path_factory) -> Session:
 
     dev = vhost_device()
     s = Session("", None, dev.guest_cid, client_built=client is not None)
-    machine = Machine(MachineConfig(kernel=vmlinux, initrd=initrd, cmdline=DEFAULT_CMDLINE, memory="128M",
-                                    cpus=1, devices=[dev]))
+    try:
+        machine = Machine(MachineConfig(kernel=vmlinux, initrd=initrd, cmdline=DEFAULT_CMDLINE, memory="128M",
+                                        cpus=1, devices=[dev]))
+    except BaseException:
+        dev.close()
+        listener.close()
+        raise
     try:
         machine.start()
         con = machine.console

@@ -28,6 +28,7 @@ from kvmpy.devices.virtio.vsock import HDR, HDR_SIZE, HOST_CID, Op, VhostVsockDe
 from kvmpy.errors import VsockCidInUseError
 from kvmpy.memory import GuestMemory
 from virtio_driver import Driver
+from vsock_client import set_connect_timeout
 
 pytestmark = pytest.mark.skipif(not vhost_vsock_available(),
                                 reason="no /dev/vhost-vsock on this host (modprobe vhost_vsock)")
@@ -103,6 +104,7 @@ def connect_in_thread(cid: int, port: int) -> tuple[threading.Thread, dict]:
 
     def run() -> None:
         s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        set_connect_timeout(s, 10)  # the default 2 s is tight on a busy host
         start = time.monotonic()
         try:
             s.connect((cid, port))
