@@ -170,10 +170,12 @@ class VirtioDevices:
         vm_open = getattr(self.vm, "fd", -1) >= 0
         for s in self.slots:
             s._drop_notify_fds(self.vm, deassign=vm_open)
-            s.interrupt.close()
             with s.transport.lock:
                 s.transport.reset()
                 s.device.close()
+            # Only now: until the device stopped, its host side (a socket, vhost's call
+            # eventfd on the I/O thread) could still raise an interrupt.
+            s.interrupt.close()
             self.bus.unregister(s.transport)
         self.slots.clear()
 
