@@ -1,6 +1,7 @@
-"""cffi build script for the raw KVM bindings (out-of-line API mode).
+"""cffi build script for the raw KVM and vhost bindings (out-of-line API mode).
 
-Compiled at install time against the system's <linux/kvm.h>. Every struct is
+Compiled at install time against the system's <linux/kvm.h> and
+<linux/vhost.h> (the kernel's vhost-vsock back end). Every struct is
 declared *partial* (``...;``) so its size and field offsets come from the C
 compiler reading the real header, and every constant is declared ``...`` so
 its value does too: nothing here is a hand-computed offset or ioctl number.
@@ -21,6 +22,7 @@ import cffi
 
 HEADER = Path("/usr/include/linux/kvm.h")
 ARCH_HEADER = Path("/usr/include/x86_64-linux-gnu/asm/kvm.h")
+VHOST_HEADER = Path("/usr/include/linux/vhost.h")  # with vhost_types.h; Debian's linux-libc-dev
 
 # Integer constants whose names are taken from the header by prefix, so a
 # capability or exit reason that a newer kernel header adds appears without
@@ -51,6 +53,10 @@ KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS KVM_GET_MP_STATE KVM_SET_MP_STATE
 KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS KVM_GET_XCRS KVM_SET_XCRS KVM_GET_XSAVE KVM_SET_XSAVE
 KVM_GET_XSAVE2 KVM_SET_GUEST_DEBUG KVM_NMI KVM_TRANSLATE KVM_INTERRUPT KVM_KVMCLOCK_CTRL
 KVM_SET_SIGNAL_MASK KVM_GET_TSC_KHZ KVM_SET_TSC_KHZ
+VHOST_GET_FEATURES VHOST_SET_FEATURES VHOST_SET_OWNER VHOST_RESET_OWNER VHOST_SET_MEM_TABLE
+VHOST_SET_VRING_NUM VHOST_SET_VRING_ADDR VHOST_SET_VRING_BASE VHOST_GET_VRING_BASE
+VHOST_SET_VRING_KICK VHOST_SET_VRING_CALL VHOST_SET_VRING_ERR
+VHOST_VSOCK_SET_GUEST_CID VHOST_VSOCK_SET_RUNNING
 """.split()
 
 CDEF = r"""
@@ -157,6 +163,20 @@ struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 struct kvm_msr_filter_range { __u32 flags; __u32 nmsrs; __u32 base; __u8 *bitmap; };
 struct kvm_msr_filter { __u32 flags; struct kvm_msr_filter_range ranges[...]; };
 
+/* <linux/vhost_types.h>: what VHOST_* ioctls on /dev/vhost-vsock take. */
+struct vhost_vring_state { unsigned int index; unsigned int num; ...; };
+struct vhost_vring_file { unsigned int index; int fd; ...; };
+struct vhost_vring_addr {
+    unsigned int index; unsigned int flags;
+    __u64 desc_user_addr; __u64 used_user_addr; __u64 avail_user_addr; __u64 log_guest_addr;
+    ...;
+};
+struct vhost_memory_region {
+    __u64 guest_phys_addr; __u64 memory_size; __u64 userspace_addr; __u64 flags_padding;
+    ...;
+};
+struct vhost_memory { __u32 nregions; __u32 padding; struct vhost_memory_region regions[]; ...; };
+
 struct kvm_stats_header {
     __u32 flags; __u32 name_size; __u32 num_desc;
     __u32 id_offset; __u32 desc_offset; __u32 data_offset;
@@ -222,6 +242,10 @@ struct kvm_run {
 #define KVM_NR_IRQCHIPS ...
 #define KVM_EXIT_IO_IN ...
 #define KVM_EXIT_IO_OUT ...
+#define VHOST_FILE_UNBIND ...
+#define VHOST_VRING_F_LOG ...
+#define VHOST_F_LOG_ALL ...
+#define VHOST_PAGE_SIZE ...
 
 /* C helpers: thin wrappers so an ioctl costs one cffi call and no Python-side
    errno juggling. cffi releases the GIL around them. */
@@ -258,6 +282,7 @@ C_SOURCE = r"""
 #include <string.h>
 #include <sys/ioctl.h>
 #include <linux/kvm.h>
+#include <linux/vhost.h>
 
 typedef __typeof__(((struct kvm_vcpu_events *)0)->exception) kvm_events_exception_t;
 typedef __typeof__(((struct kvm_vcpu_events *)0)->interrupt) kvm_events_interrupt_t;
@@ -403,6 +428,13 @@ static int kvmpy_sigrtmin(void) { return SIGRTMIN; }
 """
 
 
+def _require_headers() -> None:
+    missing = [str(h) for h in (HEADER, ARCH_HEADER, VHOST_HEADER) if not h.is_file()]
+    if missing:
+        raise RuntimeError(f"kvmpy's bindings compile against {', '.join(missing)}, which is missing; "
+                           "install Debian's linux-libc-dev (scripts/install-deps.sh does)")
+
+
 def _header_constants() -> list[str]:
     names: list[str] = []
     pattern = re.compile(r"^\s*#define\s+(KVM_[A-Z0-9_]+)\s+(\(?\s*-?(0x[0-9a-fA-F]+|\d+)|\(1\s*<<\s*\d+\))")
@@ -420,6 +452,7 @@ def _cdef() -> str:
     return CDEF + "".join(f"#define {n} ...\n" for n in dict.fromkeys(extra))
 
 
+_require_headers()
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source("kvmpy._kvm", C_SOURCE)

@@ -73,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="a virtio-blk disk on a raw image (repeatable; the first is /dev/vda)")
     run.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,ip=A/P][,mac=M][,bridge=B]",
                      help="a virtio-net NIC on a TAP device kvmpy creates (repeatable; removed at exit)")
-    run.add_argument("--vsock", type=int, metavar="CID",
-                     help="a virtio-vsock device with this guest CID (host side: AF_UNIX sockets)")
+    run.add_argument("--vsock", metavar="CID[,backend=auto|vhost|userspace]",
+                     help="a virtio-vsock device with this guest CID; host side: the kernel's vhost-vsock "
+                          "(AF_VSOCK) when /dev/vhost-vsock exists, else AF_UNIX sockets (default: auto)")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's urandom")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
     run.add_argument("--quiet", action="store_true", help="no kvmpy messages on stderr")
@@ -169,9 +170,8 @@ def _devices(args: argparse.Namespace) -> list:
         return []
     from .devices.virtio.attach import devices_from_config
 
-    vsock = argparse.Namespace(cid=args.vsock, uds_path=None) if args.vsock is not None else None
     try:
-        return devices_from_config(disks=args.disk, nets=args.net, vsock=vsock, rng=args.rng)
+        return devices_from_config(disks=args.disk, nets=args.net, vsock=args.vsock, rng=args.rng)
     except (ValueError, OSError) as e:
         raise BootError(str(e)) from e
 

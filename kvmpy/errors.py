@@ -35,6 +35,14 @@ class KvmIoctlError(KvmError, OSError):
         return self.strerror or ""
 
 
+class VhostUnavailableError(KvmError):
+    """/dev/vhost-vsock is missing, cannot be opened, or is not vhost-vsock; the message says how to fix it."""
+
+
+class VsockCidInUseError(KvmIoctlError):
+    """VHOST_VSOCK_SET_GUEST_CID failed with EADDRINUSE: another VM on this host has that guest CID."""
+
+
 class CapabilityError(KvmError):
     """A KVM capability the caller needs is not offered by this kernel."""
 

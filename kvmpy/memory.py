@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ._kvm import ffi
 from .errors import GuestMemoryError
 
 PAGE_SIZE = 4096
@@ -48,6 +49,11 @@ class MemoryRegion:
     @property
     def end(self) -> int:
         return self.gpa + self.size
+
+    @property
+    def host_address(self) -> int:
+        """The mapping's address in this process: KVM's `userspace_addr`, and vhost's."""
+        return int(ffi.cast("uintptr_t", ffi.from_buffer(self.mapping)))
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         return self.gpa <= gpa and gpa + size <= self.end

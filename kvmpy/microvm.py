@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .devices.virtio.attach import devices_from_config
+from .devices.virtio.vsock import BACKENDS as VSOCK_BACKENDS
 from .errors import KvmError
 from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome, Status, memory_problem
 from .memory import parse_size
@@ -92,9 +93,15 @@ class NetConfig:
 
 @dataclass(frozen=True)
 class VsockConfig:
-    """A virtio-vsock device with the guest's context ID."""
+    """A virtio-vsock device with the guest's context ID.
+
+    `backend`: "auto" (the kernel's vhost-vsock when /dev/vhost-vsock exists,
+    else userspace), "vhost" (an error if it is missing) or "userspace"
+    (AF_UNIX sockets, Firecracker's layout; the one that can be snapshotted).
+    """
 
     cid: int
+    backend: str = "auto"
 
 
 def machine_supports(name: str) -> bool:
@@ -156,6 +163,8 @@ class MicroVMConfig:
             v = self.vsock if isinstance(self.vsock, VsockConfig) else VsockConfig(self.vsock)  # type: ignore[arg-type]
             if not isinstance(v.cid, int) or not 3 <= v.cid < 0xFFFF_FFFF:
                 raise ConfigError(f"vsock: guest CID {v.cid!r}; 0-2 are reserved, use 3 to 2^32-2")
+            if v.backend not in VSOCK_BACKENDS:
+                raise ConfigError(f"vsock: backend {v.backend!r}; one of {', '.join(map(repr, VSOCK_BACKENDS))}")
             self.vsock = v
         for name in ("disks", "nets", "vsock"):
             if getattr(self, name) and not machine_supports(name):
@@ -420,7 +429,7 @@ class MicroVM:
             elif d["kind"] == "net":
                 self.config.nets.append(NetConfig(tap=dev.owner.name, mac=d["mac"], host_address=d["host_address"]))
             elif d["kind"] == "vsock":
-                self.config.vsock = VsockConfig(int(d["cid"]))
+                self.config.vsock = VsockConfig(int(d["cid"]), backend="userspace")  # only it is snapshotted
             elif d["kind"] == "rng":
                 self.config.rng = True
         self.console_sink = console_sink

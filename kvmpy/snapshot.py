@@ -37,7 +37,8 @@ MAC and TAP host address, the vsock CID and socket path); the transport's
 positions. Restore recreates the devices from that list (a fresh TAP for
 each NIC, the disk image reopened, not copied), the new `Machine` attaches
 them with ioeventfd/irqfd as at boot, and their state is loaded before
-any vCPU runs. A vsock device with open connections refuses a snapshot.
+any vCPU runs. A vsock device with open connections refuses a snapshot,
+and one on the kernel's vhost-vsock always does (the kernel holds its state).
 """
 
 from __future__ import annotations

@@ -91,8 +91,7 @@ class Vm:
 
     def add_region(self, region: MemoryRegion) -> None:
         flags = (MEM_READONLY if region.readonly else 0) | (MEM_LOG_DIRTY_PAGES if region.dirty_log else 0)
-        addr = int(ffi.cast("uintptr_t", ffi.from_buffer(region.mapping)))
-        self.set_user_memory_region(region.slot, region.gpa, region.size, addr, flags)
+        self.set_user_memory_region(region.slot, region.gpa, region.size, region.host_address, flags)
 
     def get_dirty_log(self, region: MemoryRegion) -> list[int]:
         """KVM_GET_DIRTY_LOG: guest page frame numbers written since the last call.

@@ -1,10 +1,11 @@
 #!/bin/sh
-# Installs the Debian packages kvmpy needs on a fresh machine: a compiler and
-# Python headers for the cffi bindings, binutils for tiny test guests, and
+# Installs the Debian packages kvmpy needs on a fresh machine: a compiler,
+# Python headers and the kernel's uapi headers (linux-libc-dev: <linux/kvm.h>,
+# <linux/vhost.h>) for the cffi bindings, binutils for tiny test guests, and
 # what the guest kernel build needs (Debian's linux-source, busybox-static,
 # flex, bison, bc, libelf, libssl). Skips apt when everything is present.
 set -eu
-pkgs="python3 python3-venv python3-dev gcc make binutils linux-source busybox-static \
+pkgs="python3 python3-venv python3-dev gcc linux-libc-dev make binutils linux-source busybox-static \
 flex bison bc libelf-dev libssl-dev cpio xz-utils e2fsprogs iproute2"
 missing=""
 for p in $pkgs; do

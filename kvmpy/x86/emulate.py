@@ -32,7 +32,6 @@ import unicorn
 import unicorn.x86_const as ux
 from unicorn.unicorn_py3.unicorn import uclib
 
-from .._kvm import ffi
 from ..errors import GuestMemoryError
 from ..memory import GuestMemory
 from .decode import Fault, Instruction
@@ -131,7 +130,7 @@ class _Engine:
         uc = self.uc
         cursor = 0
         for r in sorted(memory.regions, key=lambda r: r.gpa):
-            host = int(ffi.cast("uintptr_t", ffi.from_buffer(r.mapping)))
+            host = r.host_address
             if r.gpa > cursor:
                 self._map_mmio(cursor, r.gpa - cursor, bus)
             uc.mem_map_ptr(r.gpa, r.size, unicorn.UC_PROT_ALL, host)

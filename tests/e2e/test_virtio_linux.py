@@ -21,7 +21,6 @@ import select
 import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import pytest
 from kvmpy.boot.initramfs import INIT_MARKER
 from kvmpy.disk import ext4_mount_count, make_ext4_image, populate_busybox_root, read_file_from_image
 from kvmpy.machine import DEFAULT_CMDLINE, Machine, MachineConfig
+from vsock_client import build_vsock_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm]
 
@@ -42,46 +42,6 @@ GUEST_CID = 3
 GUEST_TO_HOST_PORT = 5000
 HOST_TO_GUEST_PORT = 6000
 FILE_TEXT = "written-by-the-guest-42"
-
-VSOCK_CLIENT_C = r"""
-#include <sys/socket.h>
-#include <linux/vm_sockets.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-/* vsockt connect CID PORT MSG: send MSG, print the reply.
-   vsockt listen PORT: accept one connection, answer "pong:" + what it read. */
-int main(int argc, char **argv) {
-    char buf[256];
-    struct sockaddr_vm a = {0};
-    int s = socket(AF_VSOCK, SOCK_STREAM, 0), n;
-    if (s < 0) { perror("socket"); return 1; }
-    a.svm_family = AF_VSOCK;
-    if (argc == 5 && !strcmp(argv[1], "connect")) {
-        a.svm_cid = atoi(argv[2]); a.svm_port = atoi(argv[3]);
-        if (connect(s, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
-        write(s, argv[4], strlen(argv[4]));
-        n = read(s, buf, sizeof buf - 1);
-        if (n < 0) { perror("read"); return 1; }
-        buf[n] = 0; printf("VSOCK-REPLY:%s\n", buf);
-    } else if (argc == 3 && !strcmp(argv[1], "listen")) {
-        int c;
-        a.svm_cid = VMADDR_CID_ANY; a.svm_port = atoi(argv[2]);
-        if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 1)) { perror("bind"); return 1; }
-        printf("VSOCK-LISTENING\n"); fflush(stdout);
-        c = accept(s, 0, 0);
-        if (c < 0) { perror("accept"); return 1; }
-        n = read(c, buf, sizeof buf - 1);
-        if (n < 0) { perror("read"); return 1; }
-        buf[n] = 0; write(c, "pong:", 5); write(c, buf, n);
-        printf("VSOCK-SERVED:%s\n", buf);
-        close(c);
-    } else { fprintf(stderr, "usage\n"); return 2; }
-    close(s);
-    return 0;
-}
-"""
 
 
 @dataclass
@@ -103,17 +63,6 @@ def _root_directory(root: Path, vsock_client: Path | None) -> None:
     (root / "hello.txt").write_text("hello from the host image\n")
     if vsock_client is not None:
         shutil.copy(vsock_client, root / "bin" / "vsockt")
-
-
-def _build_vsock_client(workdir: Path) -> Path | None:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        return None
-    src = workdir / "vsockt.c"
-    src.write_text(VSOCK_CLIENT_C)
-    out = workdir / "vsockt"
-    proc = subprocess.run([gcc, "-static", "-Os", "-s", "-o", str(out), str(src)], capture_output=True)
-    return out if proc.returncode == 0 else None
 
 
 def _icmp_checksum(data: bytes) -> int:
@@ -163,7 +112,7 @@ def session(tmp_path_factory) -> Session:
     from kvmpy.net.tap import Tap
 
     work = tmp_path_factory.mktemp("virtio-e2e")
-    client = _build_vsock_client(work)
+    client = build_vsock_client(work)
     root = work / "root"
     root.mkdir()
     _root_directory(root, client)

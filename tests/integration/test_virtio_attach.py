@@ -11,6 +11,7 @@ served on the vCPU thread.
 from __future__ import annotations
 
 import os
+import select
 import time
 
 from kvmpy.devices.virtio.attach import attach_virtio, gsis
@@ -64,6 +65,50 @@ def test_notify_without_ioeventfd_is_an_mmio_exit(guest):
     used, head, data, notify_exits, t = run_notify(guest, fast=False)
     assert used == [(head, 16)] and data == b"\x42" * 16
     assert notify_exits == 1
+
+
+def test_a_claimed_notify_eventfd_reaches_its_claimer_and_not_the_io_thread(guest):
+    # What the vhost back end relies on: a claimed ioeventfd is signalled by KVM for the
+    # kernel to poll, the I/O thread leaves it alone until it is released.
+    g = guest("64", GUEST, irqchip=True)
+    io = IoThread()
+    attached = attach_virtio(g.vm, g.mem, g.mmio, [EntropyDevice(source=lambda n: b"\x42" * n)], iothread=io,
+                             base=BASE)
+    try:
+        t = attached.slots[0].transport
+        drv = Driver(t, g.mem, Allocator(0x200000))
+        drv.setup()
+        claimed = t.claim_notify_fd(0)
+        assert claimed is not None and claimed not in attached.slots[0].notify_fds  # a duplicate
+        head, _ = drv.queues[0].add(in_lens=[16], notify=False)
+        loop = g.make_loop()
+        g.port.on_write = lambda *a: loop.stop()
+        loop.run()
+        assert select.select([claimed], [], [], 5)[0] == [claimed]  # KVM signalled it
+        time.sleep(0.2)
+        assert t.notifies == 0 and drv.queues[0].used_entries() == []
+        t.release_notify_fd(0)  # polled again: the pending signal is served now
+        deadline = time.monotonic() + 5
+        used = []
+        while not used and time.monotonic() < deadline:
+            used = drv.queues[0].used_entries()
+            time.sleep(0.01)
+        assert used == [(head, 16)]
+        os.close(claimed)
+    finally:
+        attached.close()
+        io.close()
+
+
+def test_without_ioeventfd_there_is_nothing_to_claim(guest):
+    g = guest("64", "hlt", irqchip=True)
+    io = IoThread()
+    attached = attach_virtio(g.vm, g.mem, g.mmio, [EntropyDevice()], iothread=io, base=BASE, ioeventfd=False)
+    try:
+        assert attached.slots[0].transport.claim_notify_fd(0) is None
+    finally:
+        attached.close()
+        io.close()
 
 
 def test_switching_paths_and_closing_leaves_no_file_descriptors(guest):

@@ -1,6 +1,6 @@
-"""The cffi bindings against <linux/kvm.h>, checked by an independent C compiler run.
+"""The cffi bindings against <linux/kvm.h> and <linux/vhost.h>, checked by an independent C compiler run.
 
-A small C program, compiled with gcc against the same header, prints
+A small C program, compiled with gcc against the same headers, prints
 sizeof/offsetof for the structures kvmpy uses and the values of the ioctl
 numbers and KVM_CAP_/KVM_EXIT_ constants; every number must match what
 `kvmpy._kvm.ffi`/`lib` say.
@@ -53,11 +53,27 @@ LAYOUT = [
     ("kvm_irq_level", None), ("kvm_dirty_log", "dirty_bitmap"), ("kvm_translation", None),
     ("kvm_translation", "valid"), ("kvm_guest_debug", "arch"), ("kvm_enable_cap", "args"),
     ("kvm_clock_data", None), ("kvm_pit_state2", None), ("kvm_irqchip", None),
+    # <linux/vhost_types.h>, for /dev/vhost-vsock
+    ("vhost_vring_state", None), ("vhost_vring_state", "index"), ("vhost_vring_state", "num"),
+    ("vhost_vring_file", None), ("vhost_vring_file", "index"), ("vhost_vring_file", "fd"),
+    ("vhost_vring_addr", None), ("vhost_vring_addr", "index"), ("vhost_vring_addr", "flags"),
+    ("vhost_vring_addr", "desc_user_addr"), ("vhost_vring_addr", "used_user_addr"),
+    ("vhost_vring_addr", "avail_user_addr"), ("vhost_vring_addr", "log_guest_addr"),
+    ("vhost_memory_region", None), ("vhost_memory_region", "guest_phys_addr"),
+    ("vhost_memory_region", "memory_size"), ("vhost_memory_region", "userspace_addr"),
+    ("vhost_memory_region", "flags_padding"),
+    ("vhost_memory", None), ("vhost_memory", "nregions"), ("vhost_memory", "padding"),
+    ("vhost_memory", "regions"),
 ]
 
 IOCTLS = ["KVM_RUN", "KVM_CREATE_VM", "KVM_SET_USER_MEMORY_REGION", "KVM_CREATE_VCPU",
           "KVM_GET_REGS", "KVM_SET_SREGS", "KVM_GET_VCPU_EVENTS", "KVM_IRQFD", "KVM_SIGNAL_MSI",
           "KVM_GET_DIRTY_LOG", "KVM_GET_STATS_FD", "KVM_SET_GSI_ROUTING", "KVM_TRANSLATE"]
+VHOST_IOCTLS = ["VHOST_GET_FEATURES", "VHOST_SET_FEATURES", "VHOST_SET_OWNER", "VHOST_RESET_OWNER",
+                "VHOST_SET_MEM_TABLE", "VHOST_SET_VRING_NUM", "VHOST_SET_VRING_ADDR", "VHOST_SET_VRING_BASE",
+                "VHOST_GET_VRING_BASE", "VHOST_SET_VRING_KICK", "VHOST_SET_VRING_CALL", "VHOST_SET_VRING_ERR",
+                "VHOST_VSOCK_SET_GUEST_CID", "VHOST_VSOCK_SET_RUNNING"]
+VHOST_CONSTANTS = ["VHOST_FILE_UNBIND", "VHOST_VRING_F_LOG", "VHOST_F_LOG_ALL", "VHOST_PAGE_SIZE"]
 
 
 def _key(struct: str, member: str | None) -> str:
@@ -70,13 +86,14 @@ def header_values(tmp_path_factory) -> dict[str, int]:
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("gcc not installed: cannot check the bindings against the header")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>",
-             "#define P(name, v) printf(\"%s %llu\\n\", name, (unsigned long long)(v))",
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "#include <linux/vhost.h>",
+             "#define P(name, v) printf(\"%s %lld\\n\", name, (long long)(v))",
              "int main(void) {"]
     for struct, member in LAYOUT:
         expr = f"sizeof(struct {struct})" if member is None else f"offsetof(struct {struct}, {member})"
         lines.append(f'P("{_key(struct, member)}", {expr});')
-    names = IOCTLS + [f"KVM_CAP_{c.name}" for c in Capability] + [f"KVM_EXIT_{e.name}" for e in ExitReason]
+    names = (IOCTLS + VHOST_IOCTLS + VHOST_CONSTANTS + [f"KVM_CAP_{c.name}" for c in Capability]
+             + [f"KVM_EXIT_{e.name}" for e in ExitReason])
     lines += [f'P("{n}", {n});' for n in names]
     lines += ["return 0; }"]
     d = tmp_path_factory.mktemp("layout")
@@ -96,9 +113,14 @@ def test_struct_layout_matches_the_header(header_values, struct, member):
     assert ours == header_values[_key(struct, member)]
 
 
-@pytest.mark.parametrize("name", IOCTLS)
+@pytest.mark.parametrize("name", IOCTLS + VHOST_IOCTLS)
 def test_ioctl_number_matches_the_header(header_values, name):
     assert getattr(lib, name) == header_values[name]
+
+
+@pytest.mark.parametrize("name", VHOST_CONSTANTS)
+def test_vhost_constant_matches_the_header(header_values, name):
+    assert getattr(lib, name) == header_values[name]  # VHOST_FILE_UNBIND is -1: printed signed
 
 
 def test_ioctl_numbers_match_their_ioc_encoding():
@@ -106,6 +128,9 @@ def test_ioctl_numbers_match_their_ioc_encoding():
     assert lib.KVM_CREATE_VM == 0xAE01
     assert lib.KVM_RUN == 0xAE80
     assert lib.KVM_SET_USER_MEMORY_REGION == (1 << 30) | (32 << 16) | (0xAE << 8) | 0x46
+    # _IO(VHOST_VIRTIO=0xAF, 0x01) and _IOW(VHOST_VIRTIO, 0x60, __u64).
+    assert lib.VHOST_SET_OWNER == 0xAF01
+    assert lib.VHOST_VSOCK_SET_GUEST_CID == (1 << 30) | (8 << 16) | (0xAF << 8) | 0x60
 
 
 def test_every_capability_has_its_header_value(header_values):

@@ -35,6 +35,7 @@ def test_a_good_config_is_normalized(kernel):
     ("nets", ["this-name-is-far-too-long"], r"nets\[0\] tap 'this-name-is-far-too-long'"),
     ("nets", [NetConfig(tap="tap0", mac="zz:zz")], r"nets\[0\] mac 'zz:zz'"),
     ("vsock", 2, "vsock: guest CID 2"),
+    ("vsock", VsockConfig(3, backend="qemu"), "vsock: backend 'qemu'; one of 'auto', 'vhost', 'userspace'"),
 ])
 def test_bad_field_is_refused_naming_it(kernel, field, value, message):
     c = MicroVMConfig(kernel=kernel)
@@ -53,7 +54,8 @@ def test_machine_config_makes_the_devices(kernel, tmp_path):
     disk.write_bytes(bytes(4096))
     for name in ("disks", "nets", "vsock"):
         assert machine_supports(name)
-    c = MicroVMConfig(kernel=kernel, disks=[DiskConfig(disk, read_only=True)], vsock=VsockConfig(3), rng=True)
+    c = MicroVMConfig(kernel=kernel, disks=[DiskConfig(disk, read_only=True)],
+                      vsock=VsockConfig(3, backend="userspace"), rng=True)
     c.validate()
     devices = c.machine_config().devices
     try:
@@ -63,6 +65,12 @@ def test_machine_config_makes_the_devices(kernel, tmp_path):
         for d in devices:
             d.close()
     assert MicroVMConfig(kernel=kernel).machine_config().devices == []
+
+
+def test_vsock_backend_defaults_to_auto(kernel):
+    c = MicroVMConfig(kernel=kernel, vsock=5)
+    c.validate()
+    assert c.vsock == VsockConfig(5, backend="auto")
 
 
 def test_a_bad_image_fails_before_any_vm(kernel, tmp_path):

@@ -181,6 +181,22 @@ def test_interrupt_status_and_ack(dev, mem):
     assert r(t, Register.INTERRUPT_STATUS) == 0
 
 
+def test_a_back_ends_used_buffer_interrupt_sets_the_status_bit_linux_checks(dev, mem):
+    # vhost decided the driver wants it; vm_interrupt only walks the vrings with bit 0 set.
+    d, t = dev
+    t.raise_used_buffer()
+    assert r(t, Register.INTERRUPT_STATUS) == 0 and t.raised == []  # not before DRIVER_OK
+    Driver(t, mem).setup()
+    t.raise_used_buffer()
+    assert r(t, Register.INTERRUPT_STATUS) == 1 and t.raised == [1]
+
+
+def test_without_attach_virtio_there_is_no_notify_eventfd_to_claim(dev):
+    d, t = dev
+    assert t.claim_notify_fd(0) is None
+    t.release_notify_fd(0)  # and nothing to give back
+
+
 def test_config_space_reads_any_width_and_changes_bump_the_generation(dev):
     d, t = dev
     assert t.read(Register.CONFIG, 1) == 0x01

@@ -72,20 +72,58 @@ class IrqLineInterrupt:
         pass
 
 
+def _serve_notifies(iothread: IoThread, transport: MmioTransport, index: int, fd: int) -> None:
+    """The I/O thread serves queue `index` whenever its ioeventfd fires."""
+    iothread.add_eventfd(fd, lambda: transport.notify(index))
+
+
 @dataclass
 class VirtioSlot:
-    """One attached device: where it lives and how it is wired."""
+    """One attached device: where it lives and how it is wired.
+
+    It is also the transport's `NotifyFdOwner`: a back end in the kernel
+    (vhost) claims a queue's ioeventfd, and the I/O thread stops polling
+    it until released, so a guest notify goes from KVM to vhost without
+    waking Python.
+    """
 
     device: VirtioDevice
     transport: MmioTransport
     base: int
     gsi: int
     interrupt: IrqfdInterrupt | IrqLineInterrupt
+    iothread: IoThread
     notify_fds: list[int] = field(default_factory=list)
+    claimed: set[int] = field(default_factory=set)  # queues whose notify_fds[i] the I/O thread does not poll
 
     @property
     def cmdline(self) -> str:
         return f"virtio_mmio.device=4K@{self.base:#x}:{self.gsi}"
+
+    def claim(self, index: int) -> int | None:
+        """A duplicate of queue `index`'s ioeventfd, no longer polled here; None without ioeventfd."""
+        if index >= len(self.notify_fds):
+            return None
+        fd = self.notify_fds[index]
+        if index not in self.claimed:
+            self.iothread.remove(fd)
+            self.claimed.add(index)
+        # A duplicate: the claimer's copy stays valid if set_fast_path closes ours.
+        return os.dup(fd)
+
+    def release(self, index: int) -> None:
+        if index in self.claimed:
+            self.claimed.discard(index)
+            _serve_notifies(self.iothread, self.transport, index, self.notify_fds[index])
+
+    def _drop_notify_fds(self, vm: Any, deassign: bool) -> None:
+        for i, fd in enumerate(self.notify_fds):
+            self.iothread.remove(fd)
+            if deassign:
+                vm.ioeventfd(fd, self.base + Register.QUEUE_NOTIFY, 4, datamatch=i, deassign=True)
+            os.close(fd)
+        self.notify_fds.clear()
+        self.claimed.clear()
 
 
 @dataclass
@@ -112,17 +150,11 @@ class VirtioDevices:
         """
         for s in self.slots:
             if ioeventfd and not s.notify_fds:
-                for i in range(len(s.transport.queues)):
-                    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                    s.notify_fds.append(efd)
-                    self.iothread.add_eventfd(efd, lambda t=s.transport, i=i: t.notify(i))
-                    self.vm.ioeventfd(efd, s.base + Register.QUEUE_NOTIFY, 4, datamatch=i)
+                _add_notify_fds(self.vm, s)
             elif not ioeventfd and s.notify_fds:
-                for i, fd in enumerate(s.notify_fds):
-                    self.vm.ioeventfd(fd, s.base + Register.QUEUE_NOTIFY, 4, datamatch=i, deassign=True)
-                    self.iothread.remove(fd)
-                    os.close(fd)
-                s.notify_fds.clear()
+                # A back end holding a claimed ioeventfd keeps its duplicate; the notifies
+                # now reach it through process_queue.
+                s._drop_notify_fds(self.vm, deassign=True)
                 for i in range(len(s.transport.queues)):
                     s.transport.notify(i)  # a notify the I/O thread had not read yet must not be lost
             if irqfd != isinstance(s.interrupt, IrqfdInterrupt):
@@ -137,16 +169,13 @@ class VirtioDevices:
         """Unwire and close every device (call after the vCPUs stopped)."""
         vm_open = getattr(self.vm, "fd", -1) >= 0
         for s in self.slots:
-            for i, fd in enumerate(s.notify_fds):
-                self.iothread.remove(fd)
-                if vm_open:
-                    self.vm.ioeventfd(fd, s.base + Register.QUEUE_NOTIFY, 4, datamatch=i, deassign=True)
-                os.close(fd)
-            s.notify_fds.clear()
-            s.interrupt.close()
+            s._drop_notify_fds(self.vm, deassign=vm_open)
             with s.transport.lock:
                 s.transport.reset()
                 s.device.close()
+            # Only now: until the device stopped, its host side (a socket, vhost's call
+            # eventfd on the I/O thread) could still raise an interrupt.
+            s.interrupt.close()
             self.bus.unregister(s.transport)
         self.slots.clear()
 
@@ -155,6 +184,15 @@ class VirtioDevices:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _add_notify_fds(vm: Any, slot: VirtioSlot) -> None:
+    """One KVM ioeventfd per queue on QueueNotify, datamatch = the queue index, served by the I/O thread."""
+    for i in range(len(slot.transport.queues)):
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        slot.notify_fds.append(efd)
+        vm.ioeventfd(efd, slot.base + Register.QUEUE_NOTIFY, 4, datamatch=i)
+        _serve_notifies(slot.iothread, slot.transport, i, efd)
 
 
 def parse_disk_arg(text: str) -> tuple[str, bool]:
@@ -181,6 +219,22 @@ def parse_net_arg(text: str) -> dict[str, str | None]:
     return out
 
 
+def parse_vsock_arg(text: str) -> dict[str, Any]:
+    """`kvmpy run --vsock CID[,backend=auto|vhost|userspace]` -> {"cid": int, "backend": str}."""
+    from .vsock import BACKENDS
+
+    first, *rest = text.split(",")
+    if not first.isdigit():
+        raise ValueError(f"--vsock {text!r}: expected CID[,backend={'|'.join(BACKENDS)}], e.g. 3,backend=vhost")
+    out: dict[str, Any] = {"cid": int(first), "backend": "auto"}
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key != "backend" or value not in BACKENDS:
+            raise ValueError(f"--vsock {text!r}: unknown option {item!r} (backend={'|'.join(BACKENDS)})")
+        out["backend"] = value
+    return out
+
+
 def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vsock: Any = None,
                         rng: bool = True) -> list[VirtioDevice]:
     """Device objects for a machine config, in the order they get MMIO windows.
@@ -188,15 +242,18 @@ def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vso
     `disks`: objects with `path` and `read_only` (e.g. `kvmpy.microvm.DiskConfig`),
     paths, or "IMG[,ro]" strings. `nets`: objects with `tap` (a name or None for a
     generated one) and `mac`, optionally `host_address` and `bridge`, or
-    "tap[=NAME][,ip=...]" strings. `vsock`: an object with `cid` and
-    optionally `uds_path` (default /tmp/kvmpy-<pid>-vsock.sock). On an error
-    the devices made so far are closed again.
+    "tap[=NAME][,ip=...]" strings. `vsock`: an object with `cid`, optionally
+    `backend` ("auto", the default: vhost-vsock when /dev/vhost-vsock exists,
+    else userspace; "vhost"; "userspace") and `uds_path` (the userspace back
+    end's socket, default /tmp/kvmpy-<pid>-vsock.sock), or a
+    "CID[,backend=...]" string. On an error the devices made so far are
+    closed again.
     """
     from ...net.tap import Tap
     from .blk import BlockDevice
     from .net import NetDevice
     from .rng import EntropyDevice
-    from .vsock import VsockDevice
+    from .vsock import vsock_device
 
     made: list[VirtioDevice] = []
     try:
@@ -221,8 +278,9 @@ def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vso
         if rng:
             made.append(EntropyDevice())
         if vsock is not None:
-            uds = getattr(vsock, "uds_path", None) or f"/tmp/kvmpy-{os.getpid()}-vsock.sock"
-            made.append(VsockDevice(uds, vsock.cid))
+            opts = parse_vsock_arg(vsock) if isinstance(vsock, str) else {
+                "cid": vsock.cid, "backend": getattr(vsock, "backend", None) or "auto"}
+            made.append(vsock_device(opts["cid"], backend=opts["backend"], uds_path=getattr(vsock, "uds_path", None)))
     except BaseException:
         for dev in made:
             dev.close()
@@ -302,15 +360,12 @@ def attach_virtio(vm: Any, memory: GuestMemory, mmio_bus: Bus, devices: Iterable
             where = base + n * MMIO_WINDOW
             interrupt = IrqfdInterrupt(vm, gsi) if irqfd else IrqLineInterrupt(vm, gsi)
             transport = MmioTransport(device, memory, interrupt)
-            slot = VirtioSlot(device, transport, where, gsi, interrupt)
+            slot = VirtioSlot(device, transport, where, gsi, interrupt, iothread)
+            transport.notify_owner = slot
             attached.slots.append(slot)
             mmio_bus.register(where, MMIO_WINDOW, transport, f"virtio-{device.name}")
             if ioeventfd:
-                for i in range(len(transport.queues)):
-                    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                    slot.notify_fds.append(efd)
-                    vm.ioeventfd(efd, where + Register.QUEUE_NOTIFY, 4, datamatch=i)
-                    iothread.add_eventfd(efd, lambda t=transport, i=i: t.notify(i))
+                _add_notify_fds(vm, slot)
             device.start_io(iothread)
         iothread.start()
     except BaseException:
@@ -321,4 +376,4 @@ def attach_virtio(vm: Any, memory: GuestMemory, mmio_bus: Bus, devices: Iterable
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_FIRST_GSI", "IrqLineInterrupt", "IrqfdInterrupt", "VirtioDevices",
            "VirtioSlot", "attach_virtio", "device_from_snapshot", "devices_from_config",
-           "devices_from_snapshot", "gsis", "parse_disk_arg", "parse_net_arg"]
+           "devices_from_snapshot", "gsis", "parse_disk_arg", "parse_net_arg", "parse_vsock_arg"]

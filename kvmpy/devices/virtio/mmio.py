@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from ...errors import GuestMemoryError, KvmError
 from ...memory import GuestMemory
@@ -105,6 +105,14 @@ VIRTIO_F_VERSION_1 = 1 << 32
 
 class SnapshotRefused(KvmError):
     """A device cannot be snapshotted in its present state (the message says why)."""
+
+
+class NotifyFdOwner(Protocol):
+    """Who polls each queue's QueueNotify eventfd (attach_virtio's slot): lets a back end in the kernel take one."""
+
+    def claim(self, index: int) -> int | None: ...
+
+    def release(self, index: int) -> None: ...
 
 
 class VirtioDevice:
@@ -212,6 +220,7 @@ class MmioTransport:
         self.last_error = ""
         self.interrupts = 0  # interrupts raised (for benchmarks and tests)
         self.notifies = 0    # queue notifications served
+        self.notify_owner: NotifyFdOwner | None = None  # attach_virtio's slot: polls the QueueNotify eventfds
         device.transport = self
         self._reset_registers()
 
@@ -461,6 +470,29 @@ class MmioTransport:
             if wanted:
                 self._raise(InterruptStatus.USED_BUFFER)
 
+    def raise_used_buffer(self) -> None:
+        """A used-buffer interrupt a back end outside kvmpy decided on (vhost checked EVENT_IDX itself).
+
+        Linux's vm_interrupt processes the vrings only when InterruptStatus
+        has the used-buffer bit, so the bit is set here before the interrupt.
+        """
+        with self.lock:
+            if self.active:
+                self._raise(InterruptStatus.USED_BUFFER)
+
+    def claim_notify_fd(self, index: int) -> int | None:
+        """Queue `index`'s QueueNotify eventfd for the caller to hand to the kernel; the I/O thread stops polling it.
+
+        Returns a duplicate the caller closes, or None when the guest's
+        notifies are MMIO exits (they reach `process_queue` as before).
+        """
+        return self.notify_owner.claim(index) if self.notify_owner is not None else None
+
+    def release_notify_fd(self, index: int) -> None:
+        """Undo `claim_notify_fd`: the I/O thread polls queue `index`'s eventfd again."""
+        if self.notify_owner is not None:
+            self.notify_owner.release(index)
+
     def signal_config(self) -> None:
         """The device changed its configuration space (2.5.1)."""
         with self.lock:
@@ -503,6 +535,7 @@ def _set_half(old: int, high: bool, value: int) -> int:
 
 
 __all__ = [
-    "DeviceId", "DeviceStatus", "InterruptStatus", "MMIO_WINDOW", "MmioTransport", "Register", "SnapshotRefused",
+    "DeviceId", "DeviceStatus", "InterruptStatus", "MMIO_WINDOW", "MmioTransport", "NotifyFdOwner", "Register",
+    "SnapshotRefused",
     "VIRTIO_F_EVENT_IDX", "VIRTIO_F_INDIRECT_DESC", "VIRTIO_F_VERSION_1", "VirtioDevice",
 ]

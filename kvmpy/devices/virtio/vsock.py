@@ -1,7 +1,13 @@
-"""virtio-vsock (virtio 1.2 section 5.10) with a userspace back end mapped to AF_UNIX sockets.
+"""virtio-vsock (virtio 1.2 section 5.10): the kernel's vhost-vsock, or a userspace back end on AF_UNIX sockets.
 
-The host has no /dev/vhost-vsock here, so the device does the vsock stream
-protocol itself, following Firecracker's model of the host side:
+`vsock_device(cid, backend=...)` makes one: "vhost" is `VhostVsockDevice`
+(the host kernel serves the vrings; host programs use AF_VSOCK), "userspace"
+is `VsockDevice` (below), "auto" takes vhost when /dev/vhost-vsock exists
+and opens. Both share `VirtioVsock`: device ID, queues, features, the
+configuration space (`guest_cid`).
+
+The userspace back end does the vsock stream protocol itself, following
+Firecracker's model of the host side:
 
 - guest connects to host (CID 2) port P: kvmpy connects to the AF_UNIX
   socket `<uds_path>_<P>`; a listener there gets the guest's byte stream.
@@ -23,6 +29,10 @@ its own in every packet, and resets a connection whose guest overruns it.
 Host sockets are polled by the I/O thread one-shot: a readable socket is
 disarmed, read while the guest has credit and receive buffers, and re-armed
 only when it would block, so a slow guest is never busy-polled.
+
+The vhost back end hands rxq and txq to the kernel at DRIVER_OK (see
+`VhostVsockDevice`); the transport keeps feature negotiation and the
+configuration space, and the event queue stays with kvmpy (unused).
 """
 
 from __future__ import annotations
@@ -39,8 +49,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ...errors import KvmError, VhostUnavailableError
 from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
                    VirtioDevice)
+from .queue import QueueError
+from .vhost import VHOST_VSOCK_PATH, VhostVsock, memory_table
 
 if TYPE_CHECKING:
     from .iothread import IoThread
@@ -49,7 +62,8 @@ log = logging.getLogger("kvmpy.virtio")
 
 HOST_CID = 2
 DEFAULT_GUEST_CID = 3
-VHOST_VSOCK_PATH = "/dev/vhost-vsock"
+BACKENDS = ("auto", "vhost", "userspace")
+VIRTIO_VSOCK_F_SEQPACKET = 1 << 1  # 5.10.3; only the vhost back end offers it
 
 HDR = struct.Struct("<QQIIIHHIII")  # src_cid dst_cid src_port dst_port len type op flags buf_alloc fwd_cnt
 HDR_SIZE = HDR.size  # 44
@@ -109,25 +123,43 @@ class Connection:
         return max(self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & 0xFFFF_FFFF), 0)
 
 
-def vhost_vsock_available() -> bool:
-    """Whether the kernel's vhost-vsock back end exists on this host."""
-    return os.path.exists(VHOST_VSOCK_PATH)
+def vhost_vsock_available(path: str | None = None) -> bool:
+    """Whether the kernel's vhost-vsock back end exists on this host (at `path`, default /dev/vhost-vsock)."""
+    return os.path.exists(path or VHOST_VSOCK_PATH)
 
 
-class VsockDevice(VirtioDevice):
-    """virtio-vsock with guest CID `guest_cid`, host side at `uds_path` (see the module text)."""
+def default_uds_path() -> str:
+    """Where the userspace back end listens when nobody says: /tmp/kvmpy-<pid>-vsock.sock."""
+    return f"/tmp/kvmpy-{os.getpid()}-vsock.sock"
+
+
+class VirtioVsock(VirtioDevice):
+    """What both back ends share: the device type, three queues, the guest CID and configuration space."""
 
     device_id = DeviceId.VSOCK
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
     features = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
+    backend = ""
 
-    def __init__(self, uds_path: str | os.PathLike[str], guest_cid: int = DEFAULT_GUEST_CID) -> None:
+    def __init__(self, guest_cid: int = DEFAULT_GUEST_CID) -> None:
         super().__init__()
         if guest_cid <= HOST_CID or guest_cid >= 0xFFFF_FFFF:
             raise ValueError(f"vsock guest CID {guest_cid}: must be above 2 and below 2^32 - 1")
-        self.uds_path = os.fspath(uds_path)
         self.guest_cid = guest_cid
         self.iothread: IoThread | None = None
+
+    def config_space(self) -> bytes:
+        return struct.pack("<Q", self.guest_cid)  # struct virtio_vsock_config (5.10.4)
+
+
+class VsockDevice(VirtioVsock):
+    """virtio-vsock with guest CID `guest_cid`, host side at `uds_path` (the userspace back end)."""
+
+    backend = "userspace"
+
+    def __init__(self, uds_path: str | os.PathLike[str], guest_cid: int = DEFAULT_GUEST_CID) -> None:
+        super().__init__(guest_cid)
+        self.uds_path = os.fspath(uds_path)
         self.conns: dict[tuple[int, int], Connection] = {}
         self.control: collections.deque[bytes] = collections.deque()  # headers of packets without payload
         self._ports = itertools.count(FIRST_HOST_PORT)
@@ -135,9 +167,6 @@ class VsockDevice(VirtioDevice):
         self.listener: socket.socket | None = None
         self.packets_in = self.packets_out = 0
         self.resets_sent = 0
-
-    def config_space(self) -> bytes:
-        return struct.pack("<Q", self.guest_cid)
 
     # -- host side: listener and sockets ---------------------------------------
 
@@ -503,4 +532,205 @@ class VsockDevice(VirtioDevice):
         self.iothread = None
 
 
-__all__ = ["ConnState", "HDR", "HDR_SIZE", "HOST_CID", "Op", "VsockDevice", "vhost_vsock_available"]
+# What the vhost back end offers the driver, of what the kernel's device implements.
+# VIRTIO_F_ACCESS_PLATFORM would make vhost expect an IOTLB; VHOST_F_LOG_ALL is for migration.
+VHOST_OFFERED = VirtioVsock.features | VIRTIO_VSOCK_F_SEQPACKET
+
+
+class VhostVsockDevice(VirtioVsock):
+    """virtio-vsock served by the host kernel (/dev/vhost-vsock): host programs use AF_VSOCK to (guest_cid, port).
+
+    Made before the VM: /dev/vhost-vsock is opened and the CID claimed
+    (VHOST_VSOCK_SET_GUEST_CID) at once, so a missing module, a permission
+    problem or a CID another VM holds is an error before anything boots.
+    The offered features are kvmpy's less what the kernel lacks.
+
+    On DRIVER_OK (`activate`) rxq and txq go to the kernel: VHOST_SET_OWNER,
+    SET_FEATURES (what the driver acked), SET_MEM_TABLE (every RAM region),
+    per vring NUM/BASE/ADDR (host addresses of the rings)/KICK/CALL/ERR,
+    then VHOST_VSOCK_SET_RUNNING 1. KICK is the queue's KVM ioeventfd,
+    claimed from the transport so a guest notify reaches the kernel without
+    kvmpy (without ioeventfd, a notify reaching `process_queue` is passed
+    on through an eventfd of ours). CALL cannot be an irqfd on virtio-mmio:
+    Linux's vm_interrupt handles the vrings only if InterruptStatus has the
+    used-buffer bit, so the I/O thread waits on the call eventfds and raises
+    the interrupt through the transport. ERR (the guest broke a vring)
+    stops the device and sets DEVICE_NEEDS_RESET.
+
+    A device reset stops the kernel device (SET_RUNNING 0), closes the fd
+    (the kernel resets host sockets connected to this CID) and opens a fresh
+    one holding the CID for the next DRIVER_OK. Snapshots are refused.
+    """
+
+    backend = "vhost"
+
+    def __init__(self, guest_cid: int = DEFAULT_GUEST_CID, *, vhost_path: str | None = None) -> None:
+        super().__init__(guest_cid)
+        self.vhost_path = vhost_path or VHOST_VSOCK_PATH
+        self.vhost: VhostVsock | None = self._open_vhost()
+        self.features = VHOST_OFFERED & self.vhost.features
+        if not self.features & VIRTIO_F_VERSION_1:
+            self.vhost.close()
+            raise VhostUnavailableError(f"{self.vhost_path}: this kernel's vhost-vsock lacks VIRTIO_F_VERSION_1 "
+                                        f"(features {self.vhost.features:#x}); use the userspace back end")
+        self._used = False      # this fd has an owner and vrings: a reset needs a fresh one
+        self.running = False
+        self.kick_fds: list[int] = []  # per vring while the kernel has the queues
+        self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in (RX, TX)]
+        self.err_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in (RX, TX)]
+        self.calls = 0          # call eventfd wakeups (interrupts the kernel asked for)
+
+    def _open_vhost(self) -> VhostVsock:
+        vhost = VhostVsock(self.vhost_path)
+        try:
+            vhost.set_guest_cid(self.guest_cid)
+        except BaseException:
+            vhost.close()
+            raise
+        return vhost
+
+    # -- the I/O thread waits on the kernel's eventfds -----------------------------
+
+    def start_io(self, iothread: IoThread) -> None:
+        self.iothread = iothread
+        for i in (RX, TX):
+            iothread.add_eventfd(self.call_fds[i], self._called)
+            iothread.add_eventfd(self.err_fds[i], lambda i=i: self._run(self._vring_error, i))
+
+    def _run(self, fn, *args) -> None:
+        if self.transport is not None:
+            self.transport.run(fn, *args)
+
+    def _called(self) -> None:
+        self.calls += 1
+        if self.transport is not None:
+            self.transport.raise_used_buffer()
+
+    def _vring_error(self, index: int) -> None:
+        assert self.transport is not None
+        self._stop_vhost()  # the driver's reset closes the fd
+        self.transport.set_needs_reset(f"{self.name}: vhost-vsock reported an error on vring {index} "
+                                       "(a descriptor or ring the guest broke)")
+
+    # -- handing the queues to the kernel -------------------------------------------
+
+    def activate(self) -> None:
+        try:
+            self._start_vhost()
+        except KvmError as e:
+            log.error("%s: %s", self.name, e)
+            self._stop_vhost()  # the driver's reset closes the fd
+            assert self.transport is not None
+            self.transport.set_needs_reset(f"{self.name}: {e}")
+
+    def _host_address(self, gpa: int) -> int:
+        assert self.transport is not None
+        region = self.transport.memory.region_at(gpa)
+        assert region is not None  # Virtqueue.check() put every ring inside one region
+        return region.host_address + (gpa - region.gpa)
+
+    def _start_vhost(self) -> None:
+        assert self.transport is not None
+        if self.vhost is None:
+            self.vhost = self._open_vhost()
+        vhost = self.vhost
+        self._used = True
+        vhost.set_owner()
+        vhost.set_features(self.negotiated & vhost.features)
+        vhost.set_mem_table(memory_table(self.transport.memory))
+        for i in (RX, TX):
+            q = self.queues[i]
+            if not q.ready:
+                raise QueueError(f"queue {i}: not ready at DRIVER_OK; vhost-vsock needs rxq and txq")
+            vhost.set_vring_num(i, q.size)
+            vhost.set_vring_base(i, q.last_avail_idx)
+            vhost.set_vring_addr(i, self._host_address(q.desc_table), self._host_address(q.avail_ring),
+                                 self._host_address(q.used_ring))
+            kick = self.transport.claim_notify_fd(i)
+            self.kick_fds.append(kick if kick is not None else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            vhost.set_vring_kick(i, self.kick_fds[i])
+            vhost.set_vring_call(i, self.call_fds[i])
+            vhost.set_vring_err(i, self.err_fds[i])
+        vhost.set_running(True)
+        self.running = True
+
+    def _stop_vhost(self) -> None:
+        """SET_RUNNING 0: the kernel stops serving the vrings; the queues' ioeventfds go back to the I/O thread."""
+        if self.vhost is not None and self.running:
+            try:
+                self.vhost.set_running(False)
+            except KvmError as e:
+                log.warning("%s: %s", self.name, e)  # closing the fd stops it anyway
+        self.running = False
+        for i, fd in enumerate(self.kick_fds):
+            os.close(fd)
+            if self.transport is not None:
+                self.transport.release_notify_fd(i)
+        self.kick_fds.clear()
+
+    def process_queue(self, index: int) -> None:
+        # A notify that reached kvmpy (no ioeventfd, or one served at a fast-path switch): pass it on.
+        if self.running and index in (RX, TX):
+            os.eventfd_write(self.kick_fds[index], 1)
+
+    # -- snapshots -------------------------------------------------------------------
+
+    def snapshot_config(self) -> dict:
+        raise SnapshotRefused(f"{self.name}: the host kernel (vhost-vsock) holds the vrings and the host "
+                              "connections, which kvmpy cannot save; snapshot a VM with the userspace vsock "
+                              "back end (backend='userspace')")
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Stop the kernel device; a used fd is closed (the kernel resets this CID's host
+        connections) and a fresh one keeps the CID for the next DRIVER_OK."""
+        self._stop_vhost()
+        if not self._used:
+            return  # never started since it was opened: it is as good as new
+        if self.vhost is not None:
+            self.vhost.close()
+        self.vhost, self._used = None, False
+        try:
+            self.vhost = self._open_vhost()
+        except KvmError as e:
+            log.warning("%s: %s (tried again at the next DRIVER_OK)", self.name, e)
+
+    def close(self) -> None:
+        self._stop_vhost()
+        if self.vhost is not None:
+            self.vhost.close()
+            self.vhost = None
+        for fd in self.call_fds + self.err_fds:
+            if self.iothread is not None:
+                self.iothread.remove(fd)
+            os.close(fd)
+        self.call_fds, self.err_fds = [], []
+        self.iothread = None
+
+
+def vsock_device(guest_cid: int = DEFAULT_GUEST_CID, *, backend: str = "auto",
+                 uds_path: str | os.PathLike[str] | None = None, vhost_path: str | None = None) -> VirtioVsock:
+    """A virtio-vsock device on the back end `backend` names.
+
+    "vhost": the kernel's (`VhostVsockDevice`); an error naming the device
+    node and the fix if it is missing or unusable. "userspace": AF_UNIX
+    sockets at `uds_path` (`VsockDevice`; default `default_uds_path()`).
+    "auto": vhost when `vhost_path` (default /dev/vhost-vsock) exists and
+    opens, else userspace, with a warning when it exists but cannot be used.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"vsock backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    path = vhost_path or VHOST_VSOCK_PATH
+    if backend == "vhost" or backend == "auto" and vhost_vsock_available(path):
+        try:
+            return VhostVsockDevice(guest_cid, vhost_path=path)
+        except VhostUnavailableError as e:
+            if backend == "vhost":
+                raise
+            log.warning("vsock: %s; using the userspace back end", e)
+    return VsockDevice(uds_path or default_uds_path(), guest_cid)
+
+
+__all__ = ["BACKENDS", "ConnState", "HDR", "HDR_SIZE", "HOST_CID", "Op", "VhostVsockDevice", "VirtioVsock",
+           "VsockDevice", "default_uds_path", "vhost_vsock_available", "vsock_device"]
