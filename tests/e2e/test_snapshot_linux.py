@@ -10,11 +10,15 @@ machines sharing one memory file.
 The booted guest has a virtio-net NIC configured by `ip=` on the command
 line; each clone gets a fresh TAP with the same host address, and the host
 pings the first clone over its TAP before the second exists (two TAPs on
-one subnet would make the route ambiguous).
+one subnet would make the route ambiguous). It also has a read-only
+virtio-blk disk of random bytes, read once before the snapshot; each clone
+reads blocks it never read before (no page cache can answer), through the
+restored device, and they must be the image's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import pytest
 
 from kvmpy.machine import DEFAULT_CMDLINE
-from kvmpy.microvm import MicroVM, MicroVMConfig, NetConfig
+from kvmpy.microvm import DiskConfig, MicroVM, MicroVMConfig, NetConfig
 from kvmpy.snapshot import Snapshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm]
@@ -35,6 +39,8 @@ COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 1; done &"
 # restored guest sees its TSC jump by the time since the snapshot; a tick-based
 # clocksource keeps the guest's time continuous across that jump (docs/scripting.md).
 HOST_IP, GUEST_IP = "172.30.99.1", "172.30.99.2"
+DISK_BLOCKS = 256  # 4 KiB blocks of the read-only disk
+READ_BEFORE, READ_BY_CLONE = 3, (100, 200)  # blocks read before the snapshot / by each clone after it
 CMDLINE = (DEFAULT_CMDLINE + " clocksource=refined-jiffies"
            f" ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off")
 
@@ -56,6 +62,9 @@ class Restored:
     ping_replies: int  # from the first clone, over its new TAP
     clone_taps: list[str]
     boot_tap: str
+    disk_md5: list[str]  # md5 of each 4 KiB block of the disk image
+    read_before: str  # the guest's md5 of block READ_BEFORE, before the snapshot
+    read_by_clones: list[str]  # each clone's md5 of its block of READ_BY_CLONE
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +75,22 @@ def restored(guest_artifacts, tmp_path_factory) -> Restored:
 
     vmlinux, initrd = guest_artifacts
     snapdir = tmp_path_factory.mktemp("snap") / "shell"
+    image = snapdir.parent / "random.img"
+    image.write_bytes(os.urandom(DISK_BLOCKS * 4096))
+    data = image.read_bytes()
+    disk_md5 = [hashlib.md5(data[i:i + 4096]).hexdigest() for i in range(0, len(data), 4096)]
     t0 = time.monotonic()
     net = NetConfig(mac="52:54:00:99:00:02", host_address=f"{HOST_IP}/24")
-    with MicroVM(MicroVMConfig(kernel=vmlinux, initrd=initrd, memory="128M", cmdline=CMDLINE, nets=[net])) as vm:
+    config = MicroVMConfig(kernel=vmlinux, initrd=initrd, memory="128M", cmdline=CMDLINE, nets=[net],
+                           disks=[DiskConfig(image, read_only=True)])
+    with MicroVM(config) as vm:
         vm.start()
-        boot_tap = vm.machine.config.devices[0].owner.name
+        boot_tap = next(d.owner.name for d in vm.machine.config.devices if hasattr(d, "owner"))
         vm.expect("# ", BOOT_TIMEOUT)
         boot = time.monotonic() - t0
         vm.sendline(COUNTER)
         vm.expect("# ", CMD_TIMEOUT)
+        read_before = vm.run(_read_block(READ_BEFORE), timeout=CMD_TIMEOUT)
         time.sleep(3)
         before = _numbers(vm.run("cat /tmp/c /proc/uptime", timeout=CMD_TIMEOUT))
         vm.snapshot(snapdir)
@@ -87,6 +103,7 @@ def restored(guest_artifacts, tmp_path_factory) -> Restored:
         clones.append(MicroVM.restore(snap))
         taps = [c.config.nets[0].tap for c in clones]  # the new TAPs the clones were given
         answers = [c.run(f"echo clone-answer-$((6*7+{n}))", timeout=CMD_TIMEOUT) for n, c in enumerate(clones)]
+        read_by_clones = [c.run(_read_block(b), timeout=CMD_TIMEOUT) for c, b in zip(clones, READ_BY_CLONE)]
         time.sleep(4)
         later = [_numbers(c.run("cat /tmp/c /proc/uptime", timeout=CMD_TIMEOUT)) for c in clones]
         consoles = [c.console for c in clones]
@@ -95,7 +112,17 @@ def restored(guest_artifacts, tmp_path_factory) -> Restored:
         for c in clones:
             c.close()
     return Restored(boot, before, console_at_snapshot, seconds, answers, later, consoles, snap, replies, taps,
-                    boot_tap)
+                    boot_tap, disk_md5, read_before, read_by_clones)
+
+
+def _read_block(n: int) -> str:
+    return f"dd if=/dev/vda bs=4096 skip={n} count=1 2>/dev/null | md5sum"
+
+
+def _md5_of(output: str) -> str:
+    match = re.search(r"\b[0-9a-f]{32}\b", output)
+    assert match, output
+    return match.group(0)
 
 
 def test_restored_clones_answer_typed_commands(restored):
@@ -152,9 +179,19 @@ def test_each_clone_gets_its_own_tap(restored):
 
 
 def test_snapshot_records_the_nic_config(restored):
-    (nic,) = restored.snapshot.config["virtio"]
+    disk, nic = restored.snapshot.config["virtio"]
     assert nic["kind"] == "net" and nic["mac"] == "52:54:00:99:00:02" and nic["host_address"] == f"{HOST_IP}/24"
-    (key,) = [k for k in restored.snapshot.state["devices"] if k.startswith("mmio:")]
-    transport = restored.snapshot.state["devices"][key]
-    assert transport["status"] & 4 and len(transport["queues"]) == 2  # DRIVER_OK, receiveq and transmitq
-    assert all(q["ready"] for q in transport["queues"])
+    assert disk["kind"] == "blk" and disk["read_only"]
+    transports = [v for k, v in sorted(restored.snapshot.state["devices"].items()) if k.startswith("mmio:")]
+    assert [len(t["queues"]) for t in transports] == [1, 2]  # blk: requestq; net: receiveq and transmitq
+    for t in transports:
+        assert t["status"] & 4 and all(q["ready"] for q in t["queues"])  # DRIVER_OK
+
+
+def test_guest_reads_the_disk_before_the_snapshot(restored):
+    assert _md5_of(restored.read_before) == restored.disk_md5[READ_BEFORE]
+
+
+def test_restored_clones_read_new_blocks_through_the_restored_disk(restored):
+    for block, output in zip(READ_BY_CLONE, restored.read_by_clones):
+        assert _md5_of(output) == restored.disk_md5[block], (block, output)
