@@ -86,3 +86,8 @@ class GuestError(KvmError):
 
 class BootError(KvmError):
     """A kernel, initrd or command line that cannot be booted (checked before any VM exists)."""
+
+
+def device_open_error(path: str, e: OSError, hints: dict[int, str], error: type[KvmError]) -> KvmError:
+    """`error` naming `path` and what to do about `e`: the hint for its errno, else the system's text."""
+    return error(f"{path}: {hints.get(e.errno or 0, e.strerror or str(e))}")

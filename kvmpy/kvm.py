@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
-from .errors import CapabilityError, KvmIoctlError, KvmUnavailableError
+from .errors import CapabilityError, KvmError, KvmIoctlError, KvmUnavailableError, device_open_error
 from .vm import Vm
 
 DEFAULT_DEVICE = "/dev/kvm"
@@ -39,16 +39,17 @@ class CpuidEntry:
     edx: int
 
 
-def _open_error(path: str, e: OSError) -> KvmUnavailableError:
-    if e.errno == errno.ENOENT:
-        hint = ("the kvm module is not loaded or this machine has no virtualization: "
-                "run 'modprobe kvm_intel' (or kvm_amd), and enable VT-x/AMD-V in firmware")
-    elif e.errno in (errno.EACCES, errno.EPERM):
-        hint = ("permission denied; add your user to group kvm "
-                "('sudo usermod -aG kvm $USER', then log in again) or run as root")
-    else:
-        hint = e.strerror or str(e)
-    return KvmUnavailableError(f"{path}: {hint}")
+_OPEN_HINTS = {
+    errno.ENOENT: "the kvm module is not loaded or this machine has no virtualization: "
+                  "run 'modprobe kvm_intel' (or kvm_amd), and enable VT-x/AMD-V in firmware",
+    errno.EACCES: "permission denied; add your user to group kvm "
+                  "('sudo usermod -aG kvm $USER', then log in again) or run as root",
+}
+_OPEN_HINTS[errno.EPERM] = _OPEN_HINTS[errno.EACCES]
+
+
+def _open_error(path: str, e: OSError) -> KvmError:
+    return device_open_error(path, e, _OPEN_HINTS, KvmUnavailableError)
 
 
 class Kvm:

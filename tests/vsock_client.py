@@ -1,4 +1,5 @@
-"""AF_VSOCK helpers for the tests: a static client/server for Linux guests, and the host's connect timeout.
+"""vsock helpers for the tests: a static client/server for Linux guests, the host's side of a guest's connection,
+the host's AF_VSOCK connect timeout, and a vhost-vsock device on a free CID.
 
 `vsockt connect CID PORT MSG` sends MSG and prints `VSOCK-REPLY:<reply>`;
 `vsockt listen PORT` prints `VSOCK-LISTENING`, accepts one connection,
@@ -14,7 +15,10 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 from pathlib import Path
+
+import pytest
 
 SO_VM_SOCKETS_CONNECT_TIMEOUT = 6  # <linux/vm_sockets.h> (named _OLD since 5.14): a struct timeval
 
@@ -82,3 +86,37 @@ def build_vsock_client(workdir: Path) -> Path | None:
     out = workdir / "vsockt"
     proc = subprocess.run([gcc, "-static", "-Os", "-s", "-o", str(out), str(src)], capture_output=True)
     return out if proc.returncode == 0 else None
+
+
+def serve_one(listener: socket.socket, timeout: float, got: list[bytes]) -> threading.Thread:
+    """In a thread: accept one connection on `listener` within `timeout` s, append what the guest
+    sent to `got` and answer "host-says:" and it."""
+    def serve() -> None:
+        listener.settimeout(timeout)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(60)
+            data = conn.recv(256)
+            got.append(data)
+            conn.sendall(b"host-says:" + data)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def vhost_device_on_a_free_cid(base: int):
+    """A `VhostVsockDevice` on a CID no other VM on this host holds: one of 16 derived from `base` and our pid."""
+    from kvmpy.devices.virtio.vsock import VhostVsockDevice
+    from kvmpy.errors import VsockCidInUseError
+
+    first = base + (os.getpid() & 0xFFFF) * 16
+    for cid in range(first, first + 16):
+        try:
+            return VhostVsockDevice(cid)
+        except VsockCidInUseError:
+            continue
+    pytest.skip(f"guest CIDs {first:#x}..{first + 15:#x} are all taken on this host")

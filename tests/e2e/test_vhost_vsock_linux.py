@@ -23,7 +23,6 @@ import errno
 import os
 import re
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -31,9 +30,8 @@ import pytest
 
 from kvmpy.boot.initramfs import INIT_MARKER, busybox_initramfs
 from kvmpy.devices.virtio.vsock import VhostVsockDevice, vhost_vsock_available
-from kvmpy.errors import VsockCidInUseError
 from kvmpy.machine import DEFAULT_CMDLINE, Machine, MachineConfig
-from vsock_client import build_vsock_client, set_connect_timeout
+from vsock_client import build_vsock_client, serve_one, set_connect_timeout, vhost_device_on_a_free_cid
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.kvm,
@@ -60,17 +58,6 @@ class Session:
     client_built: bool = False
     calls: int = 0
     errors: list = field(default_factory=list)
-
-
-def vhost_device() -> VhostVsockDevice:
-    """A vhost-vsock device on a CID nobody on this host holds (derived from our pid, or the next ones)."""
-    base = 0x2000_0000 + (os.getpid() & 0xFFFF) * 16
-    for cid in range(base, base + 16):
-        try:
-            return VhostVsockDevice(cid)
-        except VsockCidInUseError:
-            continue
-    pytest.skip(f"guest CIDs {base:#x}..{base + 15:#x} are all taken on this host")
 
 
 def vsock_socket() -> socket.socket:
@@ -107,21 +94,9 @@ def session(guest_artifacts, tmp_path_factory) -> Session:
     listener.listen(1)
     got: list[bytes] = []
 
-    def serve() -> None:
-        listener.settimeout(BOOT_TIMEOUT + 300)
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(60)
-            data = conn.recv(256)
-            got.append(data)
-            conn.sendall(b"host-says:" + data)
+    serve_one(listener, BOOT_TIMEOUT + 300, got)
 
-    threading.Thread(target=serve, daemon=True).start()
-
-    dev = vhost_device()
+    dev = vhost_device_on_a_free_cid(0x2000_0000)
     s = Session("", None, dev.guest_cid, client_built=client is not None)
     try:
         machine = Machine(MachineConfig(kernel=vmlinux, initrd=initrd, cmdline=DEFAULT_CMDLINE, memory="128M",

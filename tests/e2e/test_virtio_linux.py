@@ -21,7 +21,6 @@ import select
 import shutil
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import pytest
 from kvmpy.boot.initramfs import INIT_MARKER
 from kvmpy.disk import ext4_mount_count, make_ext4_image, populate_busybox_root, read_file_from_image
 from kvmpy.machine import DEFAULT_CMDLINE, Machine, MachineConfig
-from vsock_client import build_vsock_client
+from vsock_client import build_vsock_client, serve_one
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm]
 
@@ -125,19 +124,7 @@ def session(tmp_path_factory) -> Session:
     listener.listen(1)
     host_got: list[bytes] = []
 
-    def serve() -> None:
-        listener.settimeout(BOOT_TIMEOUT + 300)
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(60)
-            data = conn.recv(256)
-            host_got.append(data)
-            conn.sendall(b"host-says:" + data)
-
-    threading.Thread(target=serve, daemon=True).start()
+    serve_one(listener, BOOT_TIMEOUT + 300, host_got)
 
     kernel = build_kernel(progress=False).vmlinux
     tap = Tap(host_address=f"{HOST_IP}/24")

@@ -28,7 +28,7 @@ from kvmpy.devices.virtio.vsock import HDR, HDR_SIZE, HOST_CID, Op, VhostVsockDe
 from kvmpy.errors import VsockCidInUseError
 from kvmpy.memory import GuestMemory
 from virtio_driver import Driver
-from vsock_client import set_connect_timeout
+from vsock_client import set_connect_timeout, vhost_device_on_a_free_cid
 
 pytestmark = pytest.mark.skipif(not vhost_vsock_available(),
                                 reason="no /dev/vhost-vsock on this host (modprobe vhost_vsock)")
@@ -38,14 +38,7 @@ GUEST_BUF = 64 << 10
 
 
 def free_cid_device() -> VhostVsockDevice:
-    """A device on a CID no other VM on this host holds (one derived from our pid, or the next ones)."""
-    base = 0x1000_0000 + (os.getpid() & 0xFFFF) * 16
-    for cid in range(base, base + 16):
-        try:
-            return VhostVsockDevice(cid)
-        except VsockCidInUseError:
-            continue
-    pytest.skip(f"guest CIDs {base:#x}..{base + 15:#x} are all taken on this host")
+    return vhost_device_on_a_free_cid(0x1000_0000)
 
 
 class Guest:

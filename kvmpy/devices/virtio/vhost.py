@@ -30,7 +30,7 @@ from typing import Iterable
 
 from ..._ioctl import ioctl, ioctl_int
 from ..._kvm import ffi
-from ...errors import KvmIoctlError, VhostUnavailableError, VsockCidInUseError
+from ...errors import KvmError, KvmIoctlError, VhostUnavailableError, VsockCidInUseError, device_open_error
 from ...memory import GuestMemory
 
 VHOST_VSOCK_PATH = "/dev/vhost-vsock"
@@ -50,18 +50,19 @@ def memory_table(memory: GuestMemory) -> list[VhostMemoryRegion]:
     return [VhostMemoryRegion(r.gpa, r.size, r.host_address) for r in memory]
 
 
-def _open_error(path: str, e: OSError) -> VhostUnavailableError:
-    if e.errno == errno.ENOENT:
-        hint = ("no such device; load the kernel module with 'modprobe vhost_vsock' "
-                "(or use the userspace vsock back end: backend=userspace)")
-    elif e.errno in (errno.EACCES, errno.EPERM):
-        hint = ("permission denied; run as root or give your user the device "
-                "(e.g. 'chgrp kvm /dev/vhost-vsock; chmod 660 /dev/vhost-vsock', or a udev rule)")
-    elif e.errno in (errno.ENODEV, errno.ENXIO):
-        hint = "the device node exists but no driver answers; load it with 'modprobe vhost_vsock'"
-    else:
-        hint = e.strerror or str(e)
-    return VhostUnavailableError(f"{path}: {hint}")
+_OPEN_HINTS = {
+    errno.ENOENT: "no such device; load the kernel module with 'modprobe vhost_vsock' "
+                  "(or use the userspace vsock back end: backend=userspace)",
+    errno.EACCES: "permission denied; run as root or give your user the device "
+                  "(e.g. 'chgrp kvm /dev/vhost-vsock; chmod 660 /dev/vhost-vsock', or a udev rule)",
+    errno.ENODEV: "the device node exists but no driver answers; load it with 'modprobe vhost_vsock'",
+}
+_OPEN_HINTS[errno.EPERM] = _OPEN_HINTS[errno.EACCES]
+_OPEN_HINTS[errno.ENXIO] = _OPEN_HINTS[errno.ENODEV]
+
+
+def _open_error(path: str, e: OSError) -> KvmError:
+    return device_open_error(path, e, _OPEN_HINTS, VhostUnavailableError)
 
 
 class VhostVsock:
