@@ -1,4 +1,4 @@
-"""The one place an ioctl is issued: `ioctl(fd, "KVM_X", arg)`.
+"""The one place an ioctl is issued: `ioctl(fd, "KVM_X", arg)`; and how device nodes are opened.
 
 Requests are looked up by their header name in the compiled cffi module, so
 the name in an error message is exactly the ioctl that failed.
@@ -6,12 +6,21 @@ the name in an error message is exactly the ioctl that failed.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Callable
 
 from ._kvm import ffi, lib
 from .errors import KvmIoctlError
 
 _NULL = ffi.NULL
+
+
+def open_device(path: str, error: Callable[[str, OSError], Exception]) -> int:
+    """A read-write, close-on-exec fd for the device node at `path`; `error(path, e)` is raised if it will not open."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise error(path, e) from None
 
 
 def request(name: str) -> int:

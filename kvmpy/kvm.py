@@ -10,7 +10,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from ._ioctl import ioctl, ioctl_int
+from ._ioctl import ioctl, ioctl_int, open_device
 from ._kvm import ffi, lib
 from .errors import CapabilityError, KvmError, KvmIoctlError, KvmUnavailableError, device_open_error
 from .vm import Vm
@@ -57,10 +57,7 @@ class Kvm:
 
     def __init__(self, path: str = DEFAULT_DEVICE) -> None:
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise _open_error(path, e) from None
+        self.fd = open_device(path, _open_error)
         try:
             version = self.get_api_version()
         except KvmIoctlError as e:

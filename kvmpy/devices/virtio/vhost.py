@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..._ioctl import ioctl, ioctl_int
+from ..._ioctl import ioctl, ioctl_int, open_device
 from ..._kvm import ffi
 from ...errors import KvmError, KvmIoctlError, VhostUnavailableError, VsockCidInUseError, device_open_error
 from ...memory import GuestMemory
@@ -70,10 +70,7 @@ class VhostVsock:
 
     def __init__(self, path: str = VHOST_VSOCK_PATH) -> None:
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise _open_error(path, e) from None
+        self.fd = open_device(path, _open_error)
         try:
             self._features = self.get_features()
         except KvmIoctlError as e:
