@@ -13,7 +13,7 @@ machine code from a file), so the C side needs no page tables. Runs
 alternate kvmpy and C `--repeat` times (paired); the report gives the
 median and the spread (min-max) of each side and of the kvmpy/C ratio.
 `--no-accounting` adds a third series: VcpuLoop with exit accounting
-replaced by a no-op, and reports accounting's overhead.
+replaced by `NullAccounting` (plain KVM_RUN), and reports accounting's overhead.
 `--update-docs` writes the table into docs/performance.md.
 
     .venv/bin/python scripts/bench_exits.py [--iterations N] [--repeat R] [--json]
@@ -291,14 +291,20 @@ def measure(args: argparse.Namespace) -> dict:
             series: dict[str, list[float]] = {"kvmpy": [], "c": [], "ratio": []}
             if args.no_accounting:
                 series.update({"kvmpy_no_accounting": [], "accounting_overhead_pct": []})
-            for _ in range(args.repeat):
-                py = run_kvmpy(kvm, kind, code, n)
+            for i in range(args.repeat):
+                # kvmpy with and without accounting back to back, in alternating order, so a
+                # change of host load between the two halves of a pair averages out.
+                if args.no_accounting and i % 2:
+                    bare = run_kvmpy(kvm, kind, code, n, accounting=False)
+                    py = run_kvmpy(kvm, kind, code, n)
+                else:
+                    py = run_kvmpy(kvm, kind, code, n)
+                    bare = run_kvmpy(kvm, kind, code, n, accounting=False) if args.no_accounting else 0.0
                 c = run_c(binary, kind, code_file, n)
                 series["kvmpy"].append(py)
                 series["c"].append(c)
                 series["ratio"].append(py / c)
                 if args.no_accounting:
-                    bare = run_kvmpy(kvm, kind, code, n, accounting=False)
                     series["kvmpy_no_accounting"].append(bare)
                     series["accounting_overhead_pct"].append(100 * (py - bare) / bare)
             results["benchmarks"][kind] = {name: summary(v) for name, v in series.items()}
@@ -350,9 +356,10 @@ of the pairs; times per exit (per VM for the last row).
 On this software backend the guest's `out`/store is itself emulated, so
 the C column is mostly the backend's own cost; on VT-x/AMD-V the C round
 trip is far shorter and the ratio larger. Accounting overhead compares
-`VcpuLoop` with the default `ExitAccounting` against a no-op subclass; its
-spread crosses zero when the host is shared, so read the medians only as
-an order of magnitude and re-run on an idle machine for a firmer figure.
+`VcpuLoop` with the default `ExitAccounting` against `NullAccounting`
+(plain KVM_RUN), the two runs of a pair back to back in alternating order;
+with a few pairs its spread is wide, and `scripts/bench_stats_overhead.py`
+(many short pairs) gives the firmer figure below.
 """
 
 
@@ -366,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vm-iterations", type=int, default=50, help="VM lifecycles per run (default 50)")
     p.add_argument("--repeat", type=int, default=5, help="kvmpy/C pairs per measurement (default 5)")
     p.add_argument("--no-accounting", action="store_true",
-                   help="also run VcpuLoop with a no-op ExitAccounting and report the overhead")
+                   help="also run VcpuLoop with NullAccounting (plain KVM_RUN) and report the overhead")
     p.add_argument("--only", nargs="+", choices=["pio", "mmio", "vm"], help="run only these")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--update-docs", action="store_true", help=f"write the table into {DOC}")
