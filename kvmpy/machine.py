@@ -49,7 +49,7 @@ from .stats.api import MachineStats
 from .stats.control import ControlServer
 from .vcpu import Vcpu
 from .vm import Vm
-from .x86 import acpi, modes, syscall_trap
+from .x86 import acpi, firmware, modes, syscall_trap
 from .x86.acpi import write_acpi_tables
 from .x86.cpuid import vcpu_cpuid
 from .x86.mptable import max_cpus, write_mptable
@@ -301,6 +301,8 @@ class Machine:
 
         if self._restoring:
             return
+        if self.multiboot:
+            firmware.leave_bios_state(vm, self.memory)  # 8259 bases, real-mode IVT
         if not self.multiboot and (self.quirks.tsc_khz_on_cmdline or self.virtio is not None):
             self._rewrite_cmdline(self._cmdline(self.vcpus[0].get_tsc_khz()))
         self._setup_boot_cpu(self.vcpus[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Iterable
 
 from ..errors import BootError
 from ..memory import GuestMemory
@@ -128,15 +129,18 @@ def pvh_entry_point(data: bytes | memoryview, image: ElfImage) -> int | None:
 
 
 def load_elf_segments(mem: GuestMemory, data: bytes | memoryview, image: ElfImage, name: str,
-                      e820: list[E820Entry]) -> tuple[int, int]:
-    """Copy each PT_LOAD segment to its p_paddr and zero its bss; returns (gpa, size) spanned."""
+                      e820: list[E820Entry],
+                      structures: Iterable[tuple[str, int, int]] = layout.BOOT_STRUCTURES) -> tuple[int, int]:
+    """Copy each PT_LOAD segment to its p_paddr and zero its bss; returns (gpa, size) spanned.
+
+    No segment may overlap one of kvmpy's low-memory `structures`."""
     data = memoryview(data)
     loads = image.loads
     if not loads:
         raise BootError(f"{name}: ELF file has no loadable (PT_LOAD) segments")
     for seg in loads:
         _check_in_ram(mem, e820, f"{name}: segment at p_paddr {seg.paddr:#x}", seg.paddr, seg.memsz)
-        layout.check_clear_of_boot_structures(f"{name}: segment", seg.paddr, seg.memsz)
+        layout.check_clear_of_boot_structures(f"{name}: segment", seg.paddr, seg.memsz, structures)
     for seg in loads:
         mem.write(seg.paddr, data[seg.offset:seg.offset + seg.filesz])
         if seg.memsz > seg.filesz:

@@ -75,11 +75,21 @@ BOOT_STRUCTURES: tuple[tuple[str, int, int], ...] = (
     ("command line", CMDLINE_ADDR, CMDLINE_MAX_SIZE),
     ("EBDA/BIOS area", BIOS_RESERVED_START, BIOS_RESERVED_END - BIOS_RESERVED_START),
 )
+# A multiboot kernel starts in 32-bit protected mode without paging, IDT or TSS:
+# of the CPU-mode structures only the GDT is in use, so the rest of low memory
+# is the kernel's (kvm-unit-tests' realmode.flat is linked at 0x8000).
+# kvmpy/x86/firmware.py writes a real-mode IVT for them.
+MULTIBOOT_STRUCTURES: tuple[tuple[str, int, int], ...] = (
+    ("real-mode IVT", 0, 0x400),
+    ("GDT", GDT_ADDR, GDT_SIZE),
+    *(s for s in BOOT_STRUCTURES if s[0] not in ("GDT/IDT/TSS", "page tables")),
+)
 
 
-def check_clear_of_boot_structures(what: str, gpa: int, size: int) -> None:
-    """Raise BootError if [gpa, gpa+size) overlaps one of kvmpy's low-memory structures."""
-    for name, start, length in BOOT_STRUCTURES:
+def check_clear_of_boot_structures(what: str, gpa: int, size: int,
+                                   structures: Iterable[tuple[str, int, int]] = BOOT_STRUCTURES) -> None:
+    """Raise BootError if [gpa, gpa+size) overlaps one of kvmpy's low-memory `structures`."""
+    for name, start, length in structures:
         if gpa < start + length and start < gpa + size:
             raise BootError(
                 f"{what} at [{gpa:#x}, {gpa + size:#x}) overlaps kvmpy's {name} "

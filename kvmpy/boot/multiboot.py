@@ -181,7 +181,7 @@ def load_multiboot(mem: GuestMemory, kernel: Path | str, *, cmdline: str = "",
                 f"{kernel}: ELF class {image.elf_class}, machine {image.machine} is not x86")
         if image.entry >= 1 << 32:
             raise BootError(f"{kernel}: entry point {image.entry:#x} is above 4 GiB")
-        k_start, size = load_elf_segments(mem, data, image, str(kernel), e820)
+        k_start, size = load_elf_segments(mem, data, image, str(kernel), e820, layout.MULTIBOOT_STRUCTURES)
         k_end = k_start + size
         entry = image.entry
 
@@ -281,7 +281,8 @@ def _load_aout_kludge(mem: GuestMemory, data: memoryview, h: MultibootHeader, ke
         raise BootError(
             f"{kernel}: image [{h.load_addr:#x}, {bss_end:#x}) is outside usable guest RAM "
             f"({mem.size >> 20} MiB); give the guest more memory")
-    layout.check_clear_of_boot_structures(f"{kernel}: image", h.load_addr, bss_end - h.load_addr)
+    layout.check_clear_of_boot_structures(f"{kernel}: image", h.load_addr, bss_end - h.load_addr,
+                                          layout.MULTIBOOT_STRUCTURES)
     if not h.load_addr <= h.entry_addr < bss_end:
         raise BootError(
             f"{kernel}: multiboot entry_addr {h.entry_addr:#x} is outside the loaded image "

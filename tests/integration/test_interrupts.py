@@ -168,3 +168,68 @@ def test_stop_before_run_returns_intr_exit_without_entering_the_guest(guest):
     loop.stop()
     assert isinstance(loop.run(), IntrExit)
     assert g.port.writes == []
+
+
+REAL_MODE_GUEST = """
+        sti
+        out %al, $0x10          # ready
+    1:  hlt
+        jmp 1b
+    .org 0x100
+    handler:                    # IRQ 11's handler, installed by the test at vector 0x73
+        mov $0x73, %al
+        out %al, $0x14          # report
+        mov $0x20, %al
+        out %al, $0xa0          # EOI to the slave 8259
+        out %al, $0x20          # and the master
+        iret
+"""
+
+
+def test_bios_state_routes_pic_irqs_to_the_pc_vectors_in_real_mode(guest):
+    # What a multiboot kernel finds after a BIOS (kvmpy/x86/firmware.py): IRQ 11 arrives at
+    # vector 0x70 + 3 through the slave 8259 and the BSP's ExtINT LINT0; IRQ 10, for which the
+    # guest installed nothing, goes to the default handler, which EOIs and returns.
+    import struct
+
+    from kvmpy.x86 import firmware
+
+    g = guest("16", REAL_MODE_GUEST, irqchip=True, extra_regions={"bios": {"gpa": 0xF0000, "size": 0x10000}})
+    firmware.leave_bios_state(g.vm, g.mem)
+    handler = g.entry + 0x100
+    g.mem.write(0x73 * 4, struct.pack("<HH", handler & 0xF, handler >> 4))
+    assert [g.vm.get_irqchip(i).chip.pic.irq_base for i in (0, 1)] == [0x08, 0x70]
+    loop = g.make_loop()
+
+    def on_write(offset, size, value):
+        if offset == READY:
+            for irq in (10, 11):  # edge: latched in the slave's IRR
+                g.vm.irq_line(irq, 1)
+                g.vm.irq_line(irq, 0)
+        elif offset == REPORT:
+            loop.stop()
+
+    g.port.on_write = on_write
+    watchdog = threading.Timer(60, loop.stop)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        assert isinstance(loop.run(), IntrExit)
+    finally:
+        watchdog.cancel()
+    assert g.port.values(REPORT) == [0x73]  # IRQ 10 did not block IRQ 11: its default handler EOIed
+
+
+def test_bios_default_handlers_are_the_instructions_they_claim(guest):
+    from kvmpy.x86 import firmware
+    from kvmpy.x86.asm import assemble
+
+    g = guest("16", "hlt", extra_regions={"bios": {"gpa": 0xF0000, "size": 0x10000}})
+    firmware.write_real_mode_ivt(g.mem)
+    eoi = "push %ax; mov $0x20, %al; {} out %al, $0x20; pop %ax; iret"
+    assert g.mem.read(firmware.IRET_STUB, 1) == assemble("iret", "16", 0)
+    assert g.mem.read(firmware.MASTER_EOI_STUB, 7) == assemble(eoi.format(""), "16", 0)
+    assert g.mem.read(firmware.SLAVE_EOI_STUB, 9) == assemble(eoi.format("out %al, $0xa0;"), "16", 0)
+    ivt = [(g.mem.read_u16(4 * v + 2) << 4) + g.mem.read_u16(4 * v) for v in range(256)]
+    assert ivt[0x08:0x10] == [firmware.MASTER_EOI_STUB] * 8 and ivt[0x70:0x78] == [firmware.SLAVE_EOI_STUB] * 8
+    assert ivt[0x10] == ivt[0x73 + 5] == ivt[0] == firmware.IRET_STUB

@@ -319,6 +319,32 @@ def test_kernel_overlapping_boot_structures_is_refused(mem, tmp_path):
         load_multiboot(mem, k)
 
 
+def test_kernel_in_low_memory_where_long_mode_tables_would_be_is_loaded(mem, tmp_path):
+    # A multiboot kernel starts without paging: kvmpy's page tables at 0x9000 are not in use,
+    # and kvm-unit-tests' realmode.flat is linked at 0x8000.
+    k = build_elf32(tmp_path, base=0x8000)
+    entry = load_multiboot(mem, k)
+    assert entry.kernel_range[0] == 0x8000
+    assert mem.read(0x8000, 16) == k.read_bytes()[parse_elf(k.read_bytes(), str(k)).loads[0].offset:][:16]
+
+
+def test_kernel_over_the_ivt_is_refused(mem, tmp_path):
+    k = build_elf32(tmp_path, base=0x100)
+    with pytest.raises(BootError, match="overlaps kvmpy's real-mode IVT"):
+        load_multiboot(mem, k)
+
+
+def test_what_a_multiboot_kernel_may_not_overlap():
+    from kvmpy.boot import layout
+
+    for gpa, what in ((0x3FF, "real-mode IVT"), (0x540, "GDT"), (0x7800, "boot information"),
+                      (0x20100, "command line"), (0x9FC00, "EBDA")):
+        with pytest.raises(BootError, match=f"overlaps kvmpy's {what}"):
+            layout.check_clear_of_boot_structures("k", gpa, 1, layout.MULTIBOOT_STRUCTURES)
+    for gpa in (0x1000, 0x2000, 0x8000, 0x9000, 0xE000):  # IDT, TSS, page tables: not a multiboot kernel's
+        layout.check_clear_of_boot_structures("k", gpa, 0x800, layout.MULTIBOOT_STRUCTURES)
+
+
 def test_module_not_fitting_in_ram_is_refused(tmp_path):
     k = build_elf32(tmp_path)
     big = tmp_path / "big"
