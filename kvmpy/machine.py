@@ -52,6 +52,7 @@ from .vm import Vm
 from .x86 import acpi, firmware, modes, syscall_trap
 from .x86.acpi import write_acpi_tables
 from .x86.cpuid import vcpu_cpuid
+from .x86.msr_filter import MsrFilter, fault_absent_feature_msrs
 from .x86.mptable import max_cpus, write_mptable
 
 COM1_PORT = 0x3F8
@@ -293,10 +294,20 @@ class Machine:
         if "acpi" in self.config.test_devices:
             self.loops[0].handlers[_EXIT_INTR] = self._wake_from_s3
 
+        # MSRs kvmpy answers itself: IA32_LSTAR for the syscall trap, and on PVM the
+        # feature MSRs the guest's CPUID lacks (kvmpy/x86/msr_filter.py).
+        self.msr_filter = MsrFilter(vm)
         self.syscall_trap: syscall_trap.SyscallTrap | None = None
         if self._trap_syscalls:
-            self.syscall_trap = syscall_trap.SyscallTrap(vm, self.memory)
-            for loop in self.loops:
+            self.syscall_trap = syscall_trap.SyscallTrap(vm, self.memory, self.msr_filter)
+        self.faulted_msrs: list[int] = []
+        if self.quirks.feature_msr_faults:
+            self.faulted_msrs = fault_absent_feature_msrs(self.msr_filter, self.vcpus[0].get_cpuid2())
+        self.msr_filter.install()
+        for loop in self.loops:
+            if self.msr_filter.handlers:
+                self.msr_filter.attach(loop)
+            if self.syscall_trap is not None:
                 self.syscall_trap.attach(loop)
 
         if self._restoring:

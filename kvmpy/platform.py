@@ -68,10 +68,11 @@ class Quirks:
     cmdline: str = ""  # extra Linux command-line words
     tsc_khz_on_cmdline: bool = False  # pass tsc_early_khz=: no PV clock, no calibration loops
     syscall_trap: bool = False  # route guest SYSCALL through the VMM (LSTAR trap)
+    feature_msr_faults: bool = False  # #GP on IA32_SPEC_CTRL/PRED_CMD/FLUSH_CMD when CPUID lacks them
 
     @property
     def active(self) -> bool:
-        return bool(self.emulation_assists or self.cmdline or self.syscall_trap)
+        return bool(self.emulation_assists or self.cmdline or self.syscall_trap or self.feature_msr_faults)
 
     def describe(self) -> str:
         if not self.active:
@@ -81,6 +82,8 @@ class Quirks:
             parts.append("instruction completion")
         if self.syscall_trap:
             parts.append("syscall trap")
+        if self.feature_msr_faults:
+            parts.append("feature-MSR faults")
         if self.cmdline:
             parts.append(f"cmdline '{self.cmdline}'")
         return f"{self.backend.value}: " + ", ".join(parts)
@@ -94,6 +97,7 @@ def quirks_for(backend: Backend) -> Quirks:
             cmdline=f"nopv noxsave clearcpuid={PVM_CLEARCPUID} nopti mitigations=off",
             tsc_khz_on_cmdline=True,
             syscall_trap=True,
+            feature_msr_faults=True,
         )
     return Quirks(backend, emulation_assists=True)
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 from typing import Any
 
 from .._kvm import lib
-from ..exits import Exit, InternalErrorExit, MsrExit
+from ..exits import InternalErrorExit, MsrExit
 from ..memory import GuestMemory
+from .msr_filter import MsrFilter
 
 MSR_STAR = 0xC000_0081
 MSR_LSTAR = 0xC000_0082
@@ -48,18 +49,23 @@ _SYNC = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
 
 
 class SyscallTrap:
-    """The LSTAR trap for one VM; `attach(loop)` per vCPU loop."""
+    """The LSTAR trap for one VM; `attach(loop)` per vCPU loop.
 
-    def __init__(self, vm: Any, memory: GuestMemory) -> None:
+    `msr_filter`: the VM's `MsrFilter`, which the caller installs (with any
+    other MSRs it intercepts) before the vCPUs run; without one the trap
+    makes and installs its own.
+    """
+
+    def __init__(self, vm: Any, memory: GuestMemory, msr_filter: MsrFilter | None = None) -> None:
         self.vm = vm
         self.memory = memory
         self.guest_lstar: dict[int, int] = {}  # vcpu id -> the value the guest wrote
         self.kernel_cs: dict[int, int] = {}
         self.traps = 0
-        vm.enable_cap(lib.KVM_CAP_X86_USER_SPACE_MSR, lib.KVM_MSR_EXIT_REASON_FILTER)
-        bitmap = bytes([0])  # one MSR, bit clear: denied -> exit to userspace
-        flags = lib.KVM_MSR_FILTER_READ | lib.KVM_MSR_FILTER_WRITE
-        vm.set_msr_filter([(flags, MSR_LSTAR, 1, bitmap)])
+        self.msr_filter = msr_filter if msr_filter is not None else MsrFilter(vm)
+        self.msr_filter.intercept(MSR_LSTAR, self._rdmsr, self._wrmsr)
+        if msr_filter is None:
+            self.msr_filter.install()
         self._build_tables()
 
     def _build_tables(self) -> None:
@@ -74,32 +80,21 @@ class SyscallTrap:
     def attach(self, loop: Any) -> None:
         vcpu = loop.vcpu
         vcpu.run_struct.kvm_valid_regs = _SYNC
-        loop.handlers[lib.KVM_EXIT_X86_WRMSR] = lambda e: self._wrmsr(vcpu, e)
-        loop.handlers[lib.KVM_EXIT_X86_RDMSR] = lambda e: self._rdmsr(vcpu, e)
+        self.msr_filter.attach(loop)
         loop.assists.hooks.insert(0, self._trap)
 
     # -- MSR exits ---------------------------------------------------------------
 
-    def _wrmsr(self, vcpu: Any, exit: Exit) -> bool:
-        assert isinstance(exit, MsrExit)
-        if exit.index != MSR_LSTAR:
-            exit.complete(error=True)
-            return True
+    def _wrmsr(self, vcpu: Any, exit: MsrExit) -> None:
         self.guest_lstar[vcpu.id] = exit.data
         exit.complete()
         star = vcpu.get_msrs([MSR_STAR]).get(MSR_STAR, 0)
         self.kernel_cs[vcpu.id] = (star >> 32) & 0xFFFC
         self._install_pgd_slot(vcpu)
         vcpu.set_msrs({MSR_LSTAR: TRAP_VA})
-        return True
 
-    def _rdmsr(self, vcpu: Any, exit: Exit) -> bool:
-        assert isinstance(exit, MsrExit)
-        if exit.index != MSR_LSTAR:
-            exit.complete(error=True)
-        else:
-            exit.complete(self.guest_lstar.get(vcpu.id, 0))
-        return True
+    def _rdmsr(self, vcpu: Any, exit: MsrExit) -> None:
+        exit.complete(self.guest_lstar.get(vcpu.id, 0))
 
     def _install_pgd_slot(self, vcpu: Any) -> None:
         # The top-level table in force when the kernel sets LSTAR is its
