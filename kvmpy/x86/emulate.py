@@ -224,8 +224,10 @@ class UnicornExecutor:
         except unicorn.UcError as e:
             raise UnicornUnsupported(f"cannot load the segment/control state into Unicorn ({e})") from e
         fpu = vcpu.get_fpu() if insn.touches_fpu else None
+        # XMM8-15 exist only in 64-bit mode (Unicorn warns on every access to them elsewhere).
+        xmm = _UC_XMM if engine.uc_mode == unicorn.UC_MODE_64 else _UC_XMM[:8]
         if fpu is not None:
-            _load_fpu(uc, fpu)
+            _load_fpu(uc, fpu, xmm)
         gprs = engine.gprs
         # Single-stepping is the caller's business (it raises the #DB trap after completing).
         engine.state.write(uc, [getattr(regs, n) for n in gprs] + [regs.rip, regs.rflags & ~RFLAGS_TF])
@@ -261,7 +263,7 @@ class UnicornExecutor:
             sregs.cr0, sregs.cr3, sregs.cr4 = cr0, cr3, cr4
             vcpu.set_sregs(sregs)
         if fpu is not None:
-            _store_fpu(uc, fpu)
+            _store_fpu(uc, fpu, xmm)
             vcpu.set_fpu(fpu)
         return None
 
@@ -299,7 +301,7 @@ _UC_FP = [getattr(ux, f"UC_X86_REG_FP{i}") for i in range(8)]
 _UC_XMM = [getattr(ux, f"UC_X86_REG_XMM{i}") for i in range(16)]
 
 
-def _load_fpu(uc: unicorn.Uc, fpu: Any) -> None:
+def _load_fpu(uc: unicorn.Uc, fpu: Any, xmm: list[int]) -> None:
     for i, reg in enumerate(_UC_FP):
         raw = bytes(fpu.fpr[i][0:10])
         uc.reg_write(reg, (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:10], "little")))
@@ -307,12 +309,12 @@ def _load_fpu(uc: unicorn.Uc, fpu: Any) -> None:
     uc.reg_write(ux.UC_X86_REG_FPSW, fpu.fsw)
     # FXSAVE's abridged tag byte (1 = register in use) -> the full tag word (3 = empty).
     uc.reg_write(ux.UC_X86_REG_FPTAG, sum((0 if fpu.ftwx >> i & 1 else 3) << (2 * i) for i in range(8)))
-    for i, reg in enumerate(_UC_XMM):
+    for i, reg in enumerate(xmm):
         uc.reg_write(reg, int.from_bytes(bytes(fpu.xmm[i][0:16]), "little"))
     uc.reg_write(ux.UC_X86_REG_MXCSR, fpu.mxcsr)
 
 
-def _store_fpu(uc: unicorn.Uc, fpu: Any) -> None:
+def _store_fpu(uc: unicorn.Uc, fpu: Any, xmm: list[int]) -> None:
     for i, reg in enumerate(_UC_FP):
         mantissa, exponent = uc.reg_read(reg)
         raw = mantissa.to_bytes(8, "little") + exponent.to_bytes(2, "little")
@@ -321,6 +323,6 @@ def _store_fpu(uc: unicorn.Uc, fpu: Any) -> None:
     fpu.fsw = uc.reg_read(ux.UC_X86_REG_FPSW)
     tags = uc.reg_read(ux.UC_X86_REG_FPTAG)
     fpu.ftwx = sum(1 << i for i in range(8) if (tags >> (2 * i)) & 3 != 3)
-    for i, reg in enumerate(_UC_XMM):
+    for i, reg in enumerate(xmm):
         fpu.xmm[i][0:16] = list(uc.reg_read(reg).to_bytes(16, "little"))
     fpu.mxcsr = uc.reg_read(ux.UC_X86_REG_MXCSR)
