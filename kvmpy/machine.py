@@ -52,8 +52,8 @@ from .vm import Vm
 from .x86 import acpi, firmware, modes, syscall_trap
 from .x86.acpi import write_acpi_tables
 from .x86.cpuid import vcpu_cpuid
-from .x86.msr_filter import MsrFilter, fault_absent_feature_msrs
 from .x86.mptable import max_cpus, write_mptable
+from .x86.msr_filter import MsrFilter, fault_absent_feature_msrs
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -215,7 +215,8 @@ class Machine:
         self.control: ControlServer | None = None
 
         self.multiboot = config.entry == "multiboot" or (
-            config.entry == "auto" and Path(config.kernel).is_file() and kernel_info(config.kernel).kind == "multiboot")
+            config.entry == "auto" and Path(config.kernel).is_file()
+            and kernel_info(config.kernel).kind == "multiboot")
         # The syscall trap is built around Linux's GDT and page-table layout; a multiboot
         # kernel (a kvm-unit-test, say) gets the backend as it is.
         self._trap_syscalls = self.quirks.syscall_trap and not self.multiboot
