@@ -52,8 +52,8 @@ class SyscallTrap:
     """The LSTAR trap for one VM; `attach(loop)` per vCPU loop.
 
     `msr_filter`: the VM's `MsrFilter`, which the caller installs (with any
-    other MSRs it intercepts) before the vCPUs run; without one the trap
-    makes and installs its own.
+    other MSRs it intercepts) and attaches to each loop before the vCPUs
+    run; without one the trap makes, installs and attaches its own.
     """
 
     def __init__(self, vm: Any, memory: GuestMemory, msr_filter: MsrFilter | None = None) -> None:
@@ -62,9 +62,10 @@ class SyscallTrap:
         self.guest_lstar: dict[int, int] = {}  # vcpu id -> the value the guest wrote
         self.kernel_cs: dict[int, int] = {}
         self.traps = 0
-        self.msr_filter = msr_filter if msr_filter is not None else MsrFilter(vm)
+        self._own_filter = msr_filter is None
+        self.msr_filter = MsrFilter(vm) if msr_filter is None else msr_filter
         self.msr_filter.intercept(MSR_LSTAR, self._rdmsr, self._wrmsr)
-        if msr_filter is None:
+        if self._own_filter:
             self.msr_filter.install()
         self._build_tables()
 
@@ -80,7 +81,8 @@ class SyscallTrap:
     def attach(self, loop: Any) -> None:
         vcpu = loop.vcpu
         vcpu.run_struct.kvm_valid_regs = _SYNC
-        self.msr_filter.attach(loop)
+        if self._own_filter:
+            self.msr_filter.attach(loop)
         loop.assists.hooks.insert(0, self._trap)
 
     # -- MSR exits ---------------------------------------------------------------
