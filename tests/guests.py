@@ -111,7 +111,7 @@ class Guest:
         self.close()
 
 
-def _write_ivt(mem: GuestMemory, idt: Mapping[int, int]) -> None:
+def write_ivt(mem: GuestMemory, idt: Mapping[int, int]) -> None:
     # Real mode: the interrupt vector table at 0, four bytes (offset, segment) a vector.
     for vector, addr in idt.items():
         mem.write(vector * 4, struct.pack("<HH", addr & 0xF, addr >> 4))
@@ -145,7 +145,7 @@ def tiny_guest(kvm: kvmpy.Kvm, mode: str, source: str, *, idt: Mapping[int, int]
         vcpu.set_cpuid2(kvm.get_supported_cpuid())
         handlers = {v: entry + off for v, off in (idt or {}).items()}
         if mode == "16":
-            _write_ivt(mem, handlers)
+            write_ivt(mem, handlers)
             modes.setup_real_mode(vcpu, entry, stack=stack)
         elif mode == "32":
             modes.setup_protected_mode(vcpu, mem, entry, stack=stack, idt=handlers or None)

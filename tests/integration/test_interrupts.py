@@ -71,6 +71,16 @@ def interrupt_guest(guest):
 
 def _interrupt_guest(guest, vector, inject, *, ioapic_pin=None):
     g = guest("64", _source(vector, ioapic_pin=ioapic_pin), idt={vector: 0x100}, irqchip=True)
+    _inject_when_ready(g, inject)
+    return g
+
+
+def _inject_when_ready(g, inject):
+    """`inject(g)` when the guest writes READY; the loop (`g.loop`) stops at its REPORT.
+
+    If the interrupt never arrives the guest would sit in hlt forever; `g.watchdog`
+    stops it after a generous while so the test fails on the missing report instead.
+    """
     loop = g.make_loop()
 
     def on_write(offset, size, value):
@@ -80,13 +90,9 @@ def _interrupt_guest(guest, vector, inject, *, ioapic_pin=None):
             loop.stop()
 
     g.port.on_write = on_write
-    # If the interrupt never arrives the guest would sit in hlt forever; stop
-    # it after a generous while so the test fails on the missing report instead.
-    watchdog = threading.Timer(60, loop.stop)
-    watchdog.daemon = True
-    watchdog.start()
-    g.watchdog = watchdog
-    return g
+    g.watchdog = threading.Timer(60, loop.stop)
+    g.watchdog.daemon = True
+    g.watchdog.start()
 
 
 def test_irq_line_through_the_ioapic_reaches_the_programmed_vector(interrupt_guest):
@@ -190,33 +196,24 @@ def test_bios_state_routes_pic_irqs_to_the_pc_vectors_in_real_mode(guest):
     # What a multiboot kernel finds after a BIOS (kvmpy/x86/firmware.py): IRQ 11 arrives at
     # vector 0x70 + 3 through the slave 8259 and the BSP's ExtINT LINT0; IRQ 10, for which the
     # guest installed nothing, goes to the default handler, which EOIs and returns.
-    import struct
-
+    from guests import write_ivt
     from kvmpy.x86 import firmware
 
     g = guest("16", REAL_MODE_GUEST, irqchip=True, extra_regions={"bios": {"gpa": 0xF0000, "size": 0x10000}})
     firmware.leave_bios_state(g.vm, g.mem)
-    handler = g.entry + 0x100
-    g.mem.write(0x73 * 4, struct.pack("<HH", handler & 0xF, handler >> 4))
+    write_ivt(g.mem, {0x73: g.entry + 0x100})
     assert [g.vm.get_irqchip(i).chip.pic.irq_base for i in (0, 1)] == [0x08, 0x70]
-    loop = g.make_loop()
 
-    def on_write(offset, size, value):
-        if offset == READY:
-            for irq in (10, 11):  # edge: latched in the slave's IRR
-                g.vm.irq_line(irq, 1)
-                g.vm.irq_line(irq, 0)
-        elif offset == REPORT:
-            loop.stop()
+    def inject(g):
+        for irq in (10, 11):  # edge: latched in the slave's IRR
+            g.vm.irq_line(irq, 1)
+            g.vm.irq_line(irq, 0)
 
-    g.port.on_write = on_write
-    watchdog = threading.Timer(60, loop.stop)
-    watchdog.daemon = True
-    watchdog.start()
+    _inject_when_ready(g, inject)
     try:
-        assert isinstance(loop.run(), IntrExit)
+        assert isinstance(g.loop.run(), IntrExit)
     finally:
-        watchdog.cancel()
+        g.watchdog.cancel()
     assert g.port.values(REPORT) == [0x73]  # IRQ 10 did not block IRQ 11: its default handler EOIed
 
 
