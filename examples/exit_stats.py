@@ -29,6 +29,7 @@ from rich.table import Table
 
 import kvmpy
 from kvmpy.platform import detect_backend
+from kvmpy.stats.accounting import ExitAccounting
 from kvmpy.stats.api import measure
 from kvmpy.x86 import modes
 from kvmpy.x86.asm import assemble
@@ -81,7 +82,7 @@ def run(kvm: kvmpy.Kvm, code: bytes, count: int):
                 pio, mmio = kvmpy.pio_bus(), kvmpy.mmio_bus()
                 pio.register(PORT, 1, Sink(), "sink")
                 mmio.register(MMIO_ADDR, 0x1000, Sink(), "sink")
-                loop = kvmpy.VcpuLoop(vcpu, pio, mmio)
+                loop = kvmpy.VcpuLoop(vcpu, pio, mmio, accounting=ExitAccounting(vcpu.id))
                 with measure(loop) as m:
                     exit = loop.run()
                 assert isinstance(exit, kvmpy.HltExit), exit

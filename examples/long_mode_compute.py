@@ -17,6 +17,7 @@ from __future__ import annotations
 import zlib
 
 import kvmpy
+from kvmpy.stats.accounting import ExitAccounting
 from kvmpy.x86 import modes
 from kvmpy.x86.asm import assemble
 
@@ -70,7 +71,7 @@ def main() -> None:
         port = ResultPort()
         pio = kvmpy.pio_bus()
         pio.register(RESULT_PORT, 4, port, "result")
-        loop = kvmpy.VcpuLoop(vcpu, pio, kvmpy.mmio_bus())
+        loop = kvmpy.VcpuLoop(vcpu, pio, kvmpy.mmio_bus(), accounting=ExitAccounting(vcpu.id))
         exit = loop.run()
 
         guest_crc = port.values[0]

@@ -18,8 +18,10 @@ from .vm import Vm
 
 __version__ = "0.1.0"
 
-# The scripting layer (kvmpy/microvm.py) sits above the machine; imported on first use.
-_LAZY = {"MicroVM": "microvm", "MicroVMConfig": "microvm"}
+# The assembly layer (kvmpy/machine/) and the scripting layer (kvmpy/microvm.py) sit
+# above everything imported here; they load on first use.
+_LAZY = {"MicroVM": "microvm", "MicroVMConfig": "microvm", "Machine": "machine", "MachineConfig": "machine",
+         "build": "machine"}
 
 
 def __getattr__(name: str) -> object:
@@ -32,7 +34,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "BootError", "Bus", "BusError", "Capability", "CapabilityError", "CpuidEntry", "DebugExit",
     "Device", "Exit", "ExitReason", "FailEntryExit", "GuestError", "GuestMemory", "GuestMemoryError",
-    "HltExit", "InternalErrorExit", "MicroVM", "MicroVMConfig", "IntrExit", "IoExit", "IrqWindowOpenExit", "Kvm", "KvmError",
+    "HltExit", "InternalErrorExit", "Machine", "MachineConfig", "MicroVM", "MicroVMConfig", "IntrExit", "IoExit", "IrqWindowOpenExit", "Kvm", "KvmError",
     "KvmIoctlError", "KvmUnavailableError", "MemoryRegion", "MmioExit", "MsrExit", "ShutdownExit",
-    "SystemEventExit", "Vcpu", "VcpuLoop", "Vm", "kvm_available", "mmio_bus", "pio_bus",
+    "SystemEventExit", "Vcpu", "VcpuLoop", "Vm", "build", "kvm_available", "mmio_bus", "pio_bus",
 ]

@@ -42,7 +42,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from ._kvm import ffi
+from ._kvm import ffi, lib
 from .errors import GuestError, GuestMemoryError
 from .exits import InternalErrorExit
 from .x86.decode import Decoder, Fault, Instruction, effective_address, read_register
@@ -486,6 +486,18 @@ class Assists:
             if data is not None:
                 return data
         return b""
+
+    def attach(self, loop: Any) -> None:
+        """Complete the emulation failures of one vCPU loop (its KVM_EXIT_INTERNAL_ERROR handler)."""
+        vcpu = loop.vcpu
+
+        def on_internal_error(exit: Any) -> bool:
+            self.handle(vcpu, exit)  # completes the instruction or raises GuestError
+            if loop.accounting is not None:
+                loop.accounting.assists += 1
+            return True
+
+        loop.add_handler(lib.KVM_EXIT_INTERNAL_ERROR, on_internal_error)
 
     def handle(self, vcpu: Any, exit: InternalErrorExit) -> bool:
         for hook in self.hooks:

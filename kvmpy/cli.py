@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import select
 import signal
@@ -16,10 +17,11 @@ import termios
 import threading
 import tty
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from .errors import BootError, KvmError
-from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome
+from .errors import KvmError
+from .machine import (DEFAULT_CMDLINE, ConfigError, DiskConfig, Machine, MachineConfig, ModuleConfig, NetConfig,
+                      Outcome, VsockConfig, build)
 from .platform import detect_backend, resolve_quirks
 from . import kut
 from .stats import stat_cli
@@ -99,8 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "kvm-unit-tests":
             return kut.run(args)
         return cmd_info()
-    except (BootError, KvmError) as e:
+    except KvmError as e:  # every user error kvmpy finds is one of these: one line, status 1
         print(f"kvmpy: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # what the system refused (a file, a device node) that kvmpy did not wrap
+        print(f"kvmpy: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
 
 
@@ -134,27 +139,29 @@ def cmd_info() -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    kernel, initrd = args.kernel, args.initrd
-    if kernel is None:
-        built_kernel, built_initrd = default_guest(progress=not args.quiet)
-        kernel = built_kernel
-        initrd = initrd or built_initrd
+def run_config(args: argparse.Namespace) -> MachineConfig:
+    """The `MachineConfig` of `kvmpy run`'s arguments, validated (the kernel may still be missing)."""
     cmdline = " ".join(w for w in (args.cmdline, args.append) if w)
-    devices = _devices(args)
-    modules = [(Path(m.partition(",")[0]), m.partition(",")[2]) for m in args.module]
-    config = MachineConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=args.mem,
-                           cpus=args.cpus, quirks=args.quirks, entry=args.entry, devices=devices,
-                           modules=modules, test_devices=tuple(args.test_devices))
-    out_fd = sys.stdout.fileno()
+    config = MachineConfig(
+        kernel=args.kernel, initrd=args.initrd, cmdline=cmdline, memory=args.mem, vcpus=args.cpus,
+        quirks=args.quirks, entry=args.entry, disks=tuple(DiskConfig.parse(d) for d in args.disk),
+        nets=tuple(NetConfig.parse(n) for n in args.net),
+        vsock=None if args.vsock is None else VsockConfig.parse(args.vsock), rng=args.rng,
+        modules=tuple(ModuleConfig.parse(m) for m in args.module), test_devices=tuple(args.test_devices))
     try:
-        machine = Machine(config, console=lambda b: _write_all(out_fd, b))
-    except BaseException:
-        for device in devices:  # the machine never took them: TAPs must not outlive us
-            device.close()
-        raise
+        return config.validate(kernel_optional=True)
+    except ConfigError as e:  # name the option, not the config field
+        raise ConfigError(str(e).replace("vcpus:", "--cpus:").replace("memory:", "--mem:")) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = run_config(args)  # every argument is checked before anything is built
+    if config.kernel is None:
+        built_kernel, built_initrd = default_guest(progress=not args.quiet)
+        config = dataclasses.replace(config, kernel=built_kernel, initrd=config.initrd or built_initrd)
+    machine = build(config, console=_console_writer())
     if not args.quiet:
-        print(f"kvmpy: {kernel.name}, {args.mem} RAM, {args.cpus} vCPU(s), "
+        print(f"kvmpy: {Path(str(config.kernel)).name}, {args.mem} RAM, {config.vcpus} vCPU(s), "
               f"{machine.quirks.describe()}; Ctrl-A x quits", file=sys.stderr)
     with machine, _Console(machine) as console:
         machine.start()
@@ -163,17 +170,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\r\nkvmpy: guest {outcome.status.value}" + (f": {outcome.detail}" if outcome.detail else ""),
               file=sys.stderr)
     return outcome.exit_code
-
-
-def _devices(args: argparse.Namespace) -> list:
-    if not (args.disk or args.net or args.vsock is not None or args.rng):
-        return []
-    from .devices.virtio.attach import devices_from_config
-
-    try:
-        return devices_from_config(disks=args.disk, nets=args.net, vsock=args.vsock, rng=args.rng)
-    except (ValueError, OSError) as e:
-        raise BootError(str(e)) from e
 
 
 def _wait(machine: Machine, timeout: float | None, console: "_Console") -> Outcome:
@@ -192,6 +188,18 @@ def _wait(machine: Machine, timeout: float | None, console: "_Console") -> Outco
                 return machine.stop(f"timeout after {timeout:g} s")
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _console_writer() -> Callable[[bytes], None]:
+    """Guest console bytes to our stdout, unbuffered (through the fd when there is one)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # a stdout without an fd (captured, redirected in-process)
+        def write(b: bytes) -> None:
+            sys.stdout.buffer.write(b)
+            sys.stdout.flush()
+        return write
+    return lambda b: _write_all(fd, b)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -84,6 +84,18 @@ class GuestError(KvmError):
         self.disassembly = disassembly
 
 
+class SnapshotError(KvmError):
+    """A snapshot (or a component's saved state) cannot be taken, read or restored; the message says why."""
+
+
+class SnapshotVersionError(SnapshotError):
+    """The state was written by another format version or an incompatible kvmpy build."""
+
+
+class SnapshotCorruptError(SnapshotError):
+    """A snapshot file is missing, truncated, or does not match its checksum."""
+
+
 class BootError(KvmError):
     """A kernel, initrd or command line that cannot be booted (checked before any VM exists)."""
 

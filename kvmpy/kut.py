@@ -236,7 +236,7 @@ class KutMachine:
 
     def __init__(self, flat: Path, *, smp: int = 1, args: Sequence[str] = (), params: str = "",
                  env: str = "", output: Any = None) -> None:
-        from .machine import Machine, MachineConfig
+        from .machine import MachineConfig, ModuleConfig, build
 
         self.opts = parse_qemu_params(params)
         self.output = output or (lambda b: (sys.stdout.buffer.write(b), sys.stdout.buffer.flush()))
@@ -245,12 +245,12 @@ class KutMachine:
         self._env.write(env)
         self._env.close()
         opts = self.opts
-        config = MachineConfig(kernel=Path(flat), cmdline=" ".join(args), memory=opts.memory, cpus=smp,
-                               entry="multiboot", modules=[(Path(self._env.name), "")],
+        config = MachineConfig(kernel=Path(flat), cmdline=" ".join(args), memory=opts.memory, vcpus=smp,
+                               entry="multiboot", modules=(ModuleConfig(Path(self._env.name)),),
                                test_devices=("debug-exit", "testdev", "fw-cfg", "acpi"), pit=opts.pit,
                                cpuid=lambda kvm, apic_id, ncpus: _cpuid_table(kvm, opts, apic_id, ncpus))
         try:
-            self.machine = Machine(config, console=self.output)
+            self.machine = build(config, console=self.output)
         except BaseException:
             os.unlink(self._env.name)
             raise
@@ -275,11 +275,7 @@ class KutMachine:
         return 0
 
     def completions(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for loop in self.machine.loops:
-            for k, v in loop.assists.completed.items():
-                out[k] = out.get(k, 0) + v
-        return out
+        return self.machine.completions()
 
     def close(self) -> None:
         self.machine.close()

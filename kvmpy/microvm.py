@@ -9,8 +9,8 @@
         vm.snapshot("snap/")                   # pause, save, resume
     clone = MicroVM.restore("snap/")           # milliseconds later, a second guest
 
-Built on `kvmpy.machine.Machine` (which assembles the VM and runs the vCPU
-threads); this layer adds an up-front validated config, a life cycle
+Built on `kvmpy.machine` (`build(config)` assembles the VM, `Machine` runs
+the vCPU threads); this layer adds a life cycle
 (created -> running <-> paused -> stopped), console matching with
 timeouts, outcomes as exceptions when asked, snapshots and restore
 (`kvmpy/snapshot.py`).
@@ -28,24 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .devices.virtio.attach import devices_from_config
-from .devices.virtio.vsock import BACKENDS as VSOCK_BACKENDS
 from .errors import KvmError
-from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome, Status, memory_problem
-from .memory import parse_size
-from .x86.mptable import max_cpus
-
-MAX_CMDLINE = 2047
-IFNAMSIZ = 16
-_MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+from .machine import (ConfigError, DiskConfig, Machine, MachineConfig, NetConfig, Outcome, Status, VsockConfig,
+                      build)
 
 
 class MicroVMError(KvmError):
     """Base of the errors `MicroVM` raises."""
-
-
-class ConfigError(MicroVMError, ValueError):
-    """A `MicroVMConfig` field is wrong; the message names the field and the fix."""
 
 
 class VmStateError(MicroVMError):
@@ -74,141 +63,9 @@ class ExpectTimeout(MicroVMError, TimeoutError):
 
 # -- config ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DiskConfig:
-    """A virtio-blk disk backed by a host file or block device."""
-
-    path: Path
-    read_only: bool = False
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    """A virtio-net interface on a host TAP device (`tap` may be None: the machine creates one)."""
-
-    tap: str | None = None
-    mac: str | None = None
-    host_address: str | None = None  # "ADDR/PREFIX" for the host end of the TAP, e.g. "172.30.0.1/24"
-
-
-@dataclass(frozen=True)
-class VsockConfig:
-    """A virtio-vsock device with the guest's context ID.
-
-    `backend`: "auto" (the kernel's vhost-vsock when /dev/vhost-vsock exists,
-    else userspace), "vhost" (an error if it is missing) or "userspace"
-    (AF_UNIX sockets, Firecracker's layout; the one that can be snapshotted).
-    """
-
-    cid: int
-    backend: str = "auto"
-
-
-def machine_supports(name: str) -> bool:
-    """True when the machine can take `name`: a `MachineConfig` field, or disks/nets/vsock through `devices`."""
-    fields = {f.name for f in dataclasses.fields(MachineConfig)}
-    return name in fields or hasattr(MachineConfig, name) or (name in ("disks", "nets", "vsock")
-                                                               and "devices" in fields)
-
-
-@dataclass
-class MicroVMConfig:
-    """What to boot and on how much machine; `validate()` (run by `MicroVM`) checks every field."""
-
-    kernel: str | os.PathLike[str]
-    initrd: str | os.PathLike[str] | None = None
-    cmdline: str = DEFAULT_CMDLINE
-    memory: int | str = "256M"
-    vcpus: int = 1
-    disks: Sequence[DiskConfig | str | os.PathLike[str]] = field(default_factory=list)
-    nets: Sequence[NetConfig | str] = field(default_factory=list)
-    vsock: VsockConfig | int | None = None
-    rng: bool = False  # a virtio-rng device (the guest's entropy from the host's urandom)
-    quirks: str = "auto"
-
-    def validate(self) -> None:
-        """Normalize the fields in place, or raise `ConfigError` naming the first bad one."""
-        for what in ("kernel", "initrd"):
-            value = getattr(self, what)
-            if value is None:
-                if what == "kernel":
-                    raise ConfigError("kernel: required (a vmlinux or bzImage path)")
-                continue
-            p = Path(value)
-            if not p.is_file():
-                raise ConfigError(f"{what} {str(p)!r}: no such file")
-            if not os.access(p, os.R_OK):
-                raise ConfigError(f"{what} {str(p)!r}: not readable by this user")
-            setattr(self, what, p)
-        if not isinstance(self.cmdline, str) or "\0" in self.cmdline:
-            raise ConfigError("cmdline: must be a string without NUL bytes")
-        if len(self.cmdline.encode()) > MAX_CMDLINE // 2:
-            raise ConfigError(f"cmdline: {len(self.cmdline)} bytes; at most {MAX_CMDLINE // 2} leave room "
-                              "for the words kvmpy adds (limit 2047 in all)")
-        try:
-            mem = parse_size(self.memory)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"memory: {e}") from None
-        problem = memory_problem(mem)
-        if problem:
-            raise ConfigError(f"memory: {problem}")
-        self.memory = mem
-        if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= max_cpus():
-            raise ConfigError(f"vcpus: {self.vcpus!r}; must be an integer from 1 to {max_cpus()}")
-        if self.quirks not in ("auto", "pvm", "none"):
-            raise ConfigError(f"quirks: {self.quirks!r}; one of 'auto', 'pvm', 'none'")
-        self.disks = [self._disk(i, d) for i, d in enumerate(self.disks)]
-        self.nets = [self._net(i, n) for i, n in enumerate(self.nets)]
-        if self.vsock is not None:
-            v = self.vsock if isinstance(self.vsock, VsockConfig) else VsockConfig(self.vsock)  # type: ignore[arg-type]
-            if not isinstance(v.cid, int) or not 3 <= v.cid < 0xFFFF_FFFF:
-                raise ConfigError(f"vsock: guest CID {v.cid!r}; 0-2 are reserved, use 3 to 2^32-2")
-            if v.backend not in VSOCK_BACKENDS:
-                raise ConfigError(f"vsock: backend {v.backend!r}; one of {', '.join(map(repr, VSOCK_BACKENDS))}")
-            self.vsock = v
-        for name in ("disks", "nets", "vsock"):
-            if getattr(self, name) and not machine_supports(name):
-                raise ConfigError(f"{name}: this kvmpy's machine has no {name} support yet "
-                                  f"(MachineConfig has no {name!r} field); remove them from the config")
-
-    @staticmethod
-    def _disk(i: int, d: DiskConfig | str | os.PathLike[str]) -> DiskConfig:
-        disk = d if isinstance(d, DiskConfig) else DiskConfig(Path(d))
-        p = Path(disk.path)
-        if not (p.is_file() or p.is_block_device()):
-            raise ConfigError(f"disks[{i}] {str(p)!r}: no such file or block device")
-        if not os.access(p, os.R_OK if disk.read_only else os.R_OK | os.W_OK):
-            raise ConfigError(f"disks[{i}] {str(p)!r}: not {'readable' if disk.read_only else 'writable'}; "
-                              "use DiskConfig(path, read_only=True) for a read-only disk")
-        return DiskConfig(p, disk.read_only)
-
-    @staticmethod
-    def _net(i: int, n: NetConfig | str) -> NetConfig:
-        net = n if isinstance(n, NetConfig) else NetConfig(tap=n)
-        if net.tap is not None and not (0 < len(net.tap) < IFNAMSIZ and "/" not in net.tap
-                                        and not any(c.isspace() for c in net.tap)):
-            raise ConfigError(f"nets[{i}] tap {net.tap!r}: not a valid interface name (1-15 characters)")
-        if net.mac is not None and not _MAC.match(net.mac):
-            raise ConfigError(f"nets[{i}] mac {net.mac!r}: expected six hex bytes like 52:54:00:12:34:56")
-        if net.host_address is not None:
-            try:
-                ipaddress.ip_interface(net.host_address)
-            except ValueError:
-                raise ConfigError(f"nets[{i}] host_address {net.host_address!r}: expected ADDR/PREFIX like "
-                                  "172.30.0.1/24") from None
-        return net
-
-    def machine_config(self) -> MachineConfig:
-        """The `MachineConfig`, its virtio devices already made (images open, TAPs created).
-
-        Making them before any VM exists means a bad image or TAP fails
-        first; whoever builds the `Machine` closes `devices` if that fails
-        (`MicroVM.start` does).
-        """
-        mc = MachineConfig(kernel=Path(self.kernel), initrd=None if self.initrd is None else Path(self.initrd),
-                           cmdline=self.cmdline, memory=self.memory, cpus=self.vcpus, quirks=self.quirks)
-        mc.devices = devices_from_config(self.disks, self.nets, self.vsock, rng=self.rng)
-        return mc
+# One config describes a machine end to end (kvmpy/machine/config.py); the
+# scripting layer calls it by the name it has always had here.
+MicroVMConfig = MachineConfig
 
 
 # -- the VM ----------------------------------------------------------------------------
@@ -222,9 +79,8 @@ class MicroVM:
     sys.stdout.buffer.write).
     """
 
-    def __init__(self, config: MicroVMConfig, *, console_sink: Callable[[bytes], None] | None = None) -> None:
-        config.validate()
-        self.config = config
+    def __init__(self, config: MachineConfig, *, console_sink: Callable[[bytes], None] | None = None) -> None:
+        self.config = config.validate()
         self.console_sink = console_sink
         self.machine: Machine | None = None
         self.state = "created"
@@ -239,13 +95,7 @@ class MicroVM:
         with self._lock:
             if self.state != "created":
                 raise VmStateError(f"start(): the VM is {self.state}; start() runs once")
-            mc = self.config.machine_config()
-            try:
-                self.machine = Machine(mc, console=self.console_sink)
-            except BaseException:
-                for dev in mc.devices:  # closing twice is harmless; Machine closes what it attached
-                    dev.close()
-                raise
+            self.machine = build(self.config, console=self.console_sink)
             self.machine.start()
             self.state = "running"
         return self
@@ -418,20 +268,8 @@ class MicroVM:
 
         snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.open(snapshot)  # type: ignore[arg-type]
         machine, report = restore_machine(snap, console=console_sink)
-        c = snap.config
         self = cls.__new__(cls)
-        self.config = MicroVMConfig(kernel=c["kernel"], initrd=c["initrd"], cmdline=c["cmdline"],
-                                    memory=c["memory"], vcpus=c["cpus"], quirks=c["quirks"])
-        self.config.disks, self.config.nets = [], []
-        for dev, d in zip(machine.config.devices, c["virtio"]):  # what the clone has, its new TAPs included
-            if d["kind"] == "blk":
-                self.config.disks.append(DiskConfig(Path(d["path"]), d["read_only"]))
-            elif d["kind"] == "net":
-                self.config.nets.append(NetConfig(tap=dev.owner.name, mac=d["mac"], host_address=d["host_address"]))
-            elif d["kind"] == "vsock":
-                self.config.vsock = VsockConfig(int(d["cid"]), backend="userspace")  # only it is snapshotted
-            elif d["kind"] == "rng":
-                self.config.rng = True
+        self.config = machine.config  # what the clone has, its new TAPs included
         self.console_sink = console_sink
         self.machine = machine
         self._lock = threading.Lock()
@@ -441,7 +279,7 @@ class MicroVM:
             machine.start()
             self.state = "running"
         else:
-            machine._paused = True  # built, not started: resume() starts the vCPUs
+            machine.mark_paused()  # built, not started: resume() starts the vCPUs
             self.state = "paused"
         return self
 
@@ -450,4 +288,4 @@ class MicroVM:
 
 
 __all__ = ["ConfigError", "DiskConfig", "ExpectTimeout", "GuestPanic", "MicroVM", "MicroVMConfig",
-           "MicroVMError", "NetConfig", "VmFailed", "VmStateError", "VsockConfig", "machine_supports"]
+           "MicroVMError", "NetConfig", "VmFailed", "VmStateError", "VsockConfig"]

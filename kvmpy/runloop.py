@@ -6,9 +6,13 @@ decoded into its typed record and given to a handler registered for its
 reason; without one, the loop applies the default below and returns the
 exit that ended it.
 
-Defaults: INTR (a kick) ends the loop only when `stop()` was called; an
-emulation failure goes to `Assists`; HLT, SHUTDOWN, FAIL_ENTRY,
-SYSTEM_EVENT, DEBUG and anything else end the loop.
+Defaults: INTR (a kick) ends the loop only when `stop()` was called; HLT,
+SHUTDOWN, FAIL_ENTRY, SYSTEM_EVENT, DEBUG, INTERNAL_ERROR and anything
+else without a handler end the loop. The loop knows no device, no
+instruction completion and no statistics: whoever assembles the machine
+registers them (`Assists.attach(loop)` completes emulation failures,
+`MsrFilter.attach(loop)` answers MSR exits, an `ExitAccounting` passed as
+`accounting` counts and times every exit).
 """
 
 from __future__ import annotations
@@ -18,34 +22,53 @@ import threading
 from typing import Any, Callable
 
 from ._kvm import lib
-from .assists import Assists
 from .bus import Bus
 from .exits import Exit, IntrExit
-from .stats.accounting import ExitAccounting
 
 _IO = lib.KVM_EXIT_IO
 _MMIO = lib.KVM_EXIT_MMIO
 _INTR = lib.KVM_EXIT_INTR
-_INTERNAL = lib.KVM_EXIT_INTERNAL_ERROR
 _OUT = lib.KVM_EXIT_IO_OUT
 
-# A handler returns True to keep running, False to end the loop with this exit.
-Handler = Callable[[Exit], bool]
+# A handler returns True to keep running, False to end the loop with this exit,
+# or None: not its exit (the next handler of a chain, else the loop ends).
+Handler = Callable[[Exit], "bool | None"]
 
 
 class VcpuLoop:
     """Runs one vCPU against a port-I/O bus and an MMIO bus."""
 
-    def __init__(self, vcpu: Any, pio: Bus, mmio: Bus, *, assists: Assists | None = None,
-                 handlers: dict[int, Handler] | None = None,
-                 accounting: ExitAccounting | None = None) -> None:
+    def __init__(self, vcpu: Any, pio: Bus, mmio: Bus, *, handlers: dict[int, Handler] | None = None,
+                 accounting: Any = None) -> None:
+        """`accounting`: an `ExitAccounting` (kvmpy/stats/accounting.py) or None for no bookkeeping."""
         self.vcpu = vcpu
         self.pio = pio
         self.mmio = mmio
-        self.assists = assists if assists is not None else Assists()
         self.handlers: dict[int, Handler] = dict(handlers or {})
-        self.accounting = accounting if accounting is not None else ExitAccounting(vcpu.id)
+        self.accounting = accounting
         self._stop = threading.Event()
+
+    def add_handler(self, reason: int, handler: Handler, *, first: bool = False) -> None:
+        """Handle exits of `reason` with `handler`, chained with one already there.
+
+        In a chain each handler returns None for an exit that is not its own,
+        and the next one gets it; `first=True` puts `handler` before the others.
+        """
+        prev = self.handlers.get(reason)
+        if prev is None:
+            self.handlers[reason] = handler
+            return
+        a, b = (handler, prev) if first else (prev, handler)
+
+        def chained(exit: Exit) -> bool | None:
+            r = a(exit)
+            return b(exit) if r is None else r
+
+        self.handlers[reason] = chained
+
+    def rearm(self) -> None:
+        """Let a loop that `stop()` ended run again (a parked vCPU thread resuming)."""
+        self._stop.clear()
 
     def stop(self) -> None:
         """Ask the loop to return at the next exit (kicks the vCPU out of KVM_RUN)."""
@@ -65,13 +88,13 @@ class VcpuLoop:
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         acct = self.accounting
-        count_mmio = acct.count_mmio
-        if acct.c is not None:
+        count_mmio = acct.count_mmio if acct is not None else None
+        if acct is not None and acct.c is not None:
             acct.bind(vcpu)
             run_raw = functools.partial(vcpu.run_accounted, acct.c)  # times and ports booked in C
         else:
             run_raw = vcpu.run_raw
-        hook = acct.after_exit if acct.per_exit_hook else None
+        hook = acct.after_exit if acct is not None and acct.per_exit_hook else None
         if self._stop.is_set():
             return IntrExit(_INTR)
         while True:
@@ -91,7 +114,8 @@ class VcpuLoop:
             if reason == _MMIO:
                 m = run.mmio
                 addr, size = m.phys_addr, m.len
-                count_mmio(addr)
+                if count_mmio is not None:
+                    count_mmio(addr)
                 if m.is_write:
                     mmio_write(addr, size, int.from_bytes(bytes(m.data[0:size]), "little"))
                 else:
@@ -103,17 +127,11 @@ class VcpuLoop:
                 if self._stop.is_set():
                     return IntrExit(_INTR)
                 handler = self.handlers.get(_INTR)
-                if handler is not None and not handler(IntrExit(_INTR)):
+                if handler is not None and handler(IntrExit(_INTR)) is False:
                     return IntrExit(_INTR)
                 continue
             exit = vcpu.decode_exit()
             handler = self.handlers.get(reason)
-            if handler is not None:
-                if handler(exit):
-                    continue
-                return exit
-            if reason == _INTERNAL:
-                self.assists.handle(vcpu, exit)  # completes the instruction or raises GuestError
-                acct.assists += 1
+            if handler is not None and handler(exit):
                 continue
             return exit

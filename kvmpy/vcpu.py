@@ -7,6 +7,7 @@ return (immediate_exit plus a signal, as the KVM API document describes).
 
 from __future__ import annotations
 
+import base64
 import errno
 import mmap
 import os
@@ -16,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
+from .blobs import from_blob, to_blob
 from .errors import KvmError, KvmIoctlError
 from .exits import Exit, IntrExit, decode
 
@@ -165,6 +167,30 @@ class Vcpu:
         if n != len(items):
             raise KvmError(f"KVM_SET_MSRS: vcpu {self.id} refused MSR {items[n][0]:#x} = {items[n][1]:#x}")
 
+    def get_msrs_skipping(self, indices: Iterable[int]) -> dict[int, int]:
+        """KVM_GET_MSRS over the whole list, skipping an MSR KVM cannot read instead of stopping there."""
+        values: dict[int, int] = {}
+        todo = list(indices)
+        while todo:
+            got = self.get_msrs(todo)
+            values.update(got)
+            todo = todo[len(got) + 1:]  # the first one not returned failed; go on after it
+        return values
+
+    def set_msrs_skipping(self, values: Mapping[int, int]) -> list[int]:
+        """KVM_SET_MSRS of everything, going on past refusals; returns the MSRs KVM refused (read-only ones)."""
+        refused = []
+        items = list(values.items())
+        while items:
+            msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+            for e, (i, v) in zip(msrs.entries[0:len(items)], items):
+                e.index, e.data = i, v
+            n = ioctl(self.fd, "KVM_SET_MSRS", msrs, f"vcpu {self.id}")
+            if n < len(items):
+                refused.append(items[n][0])
+            items = items[n + 1:]
+        return refused
+
     def set_cpuid2(self, entries: Iterable[Any]) -> None:
         """KVM_SET_CPUID2: the CPUID table the guest sees (entries with function/index/eax..edx)."""
         entries = list(entries)
@@ -295,6 +321,50 @@ class Vcpu:
         in `run_struct.kvm_dirty_regs`.
         """
         return self.run_struct.s.regs
+
+    # -- saved state -------------------------------------------------------------
+
+    def snapshot_state(self, msr_indices: Iterable[int]) -> dict[str, Any]:
+        """Everything KVM keeps of this vCPU, JSON-able: MP state, registers, FPU/XSAVE, XCRs,
+        debug registers, LAPIC, the MSRs of `msr_indices` KVM can read, pending events."""
+        s: dict[str, Any] = {
+            "id": self.id,
+            "mp_state": self.get_mp_state(),
+            "regs": to_blob(self.get_regs()),
+            "sregs": to_blob(self.get_sregs()),
+            "fpu": to_blob(self.get_fpu()),
+            "debugregs": to_blob(self.get_debugregs()),
+            "lapic": to_blob(self.get_lapic()),
+            "msrs": {f"{k:#x}": v for k, v in self.get_msrs_skipping(msr_indices).items()},
+            "vcpu_events": to_blob(self.get_vcpu_events()),
+        }
+        if self.vm.check_extension(lib.KVM_CAP_XSAVE):
+            s["xsave"] = base64.b64encode(self.get_xsave()).decode()
+        if self.vm.check_extension(lib.KVM_CAP_XCRS):
+            s["xcrs"] = {str(k): v for k, v in self.get_xcrs().items()}
+        return s
+
+    def restore_state(self, s: Mapping[str, Any]) -> list[int]:
+        """Load a `snapshot_state()` in the order KVM wants; returns the MSRs KVM refused to set.
+
+        The order of the KVM API document's migration notes (and Firecracker's
+        vstate/vcpu): MP state, regs, sregs, XSAVE/FPU, XCRs, debug registers,
+        LAPIC (before the MSRs: TSC deadline needs the LAPIC mode), MSRs, events.
+        """
+        self.set_mp_state(s["mp_state"])
+        self.set_regs(from_blob("regs", s["regs"]))
+        self.set_sregs(from_blob("sregs", s["sregs"]))
+        if "xsave" in s:
+            self.set_xsave(base64.b64decode(s["xsave"]))
+        else:
+            self.set_fpu(from_blob("fpu", s["fpu"]))
+        if "xcrs" in s:
+            self.set_xcrs({int(k): v for k, v in s["xcrs"].items()})
+        self.set_debugregs(from_blob("debugregs", s["debugregs"]))
+        self.set_lapic(from_blob("lapic", s["lapic"]))
+        refused = self.set_msrs_skipping({int(k, 16): v for k, v in s["msrs"].items()})
+        self.set_vcpu_events(from_blob("vcpu_events", s["vcpu_events"]))
+        return refused
 
     def cpu_mode(self, sregs: Any | None = None) -> str:
         """'real', 'protected16', 'protected32', 'long64' or 'compat' from CR0/EFER/CS."""

@@ -13,9 +13,9 @@ from typing import Any, Iterable
 
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
-from .errors import KvmError, KvmIoctlError
+from .blobs import from_blob, to_blob
+from .errors import KvmError, KvmIoctlError, SnapshotError
 from .memory import PAGE_SIZE, GuestMemory, MemoryRegion
-from .stats.api import vm_stats
 from .vcpu import Vcpu
 
 MEM_LOG_DIRTY_PAGES = lib.KVM_MEM_LOG_DIRTY_PAGES
@@ -24,6 +24,7 @@ MEM_READONLY = lib.KVM_MEM_READONLY
 IRQCHIP_PIC_MASTER = lib.KVM_IRQCHIP_PIC_MASTER
 IRQCHIP_PIC_SLAVE = lib.KVM_IRQCHIP_PIC_SLAVE
 IRQCHIP_IOAPIC = lib.KVM_IRQCHIP_IOAPIC
+IRQCHIPS = {"pic_master": IRQCHIP_PIC_MASTER, "pic_slave": IRQCHIP_PIC_SLAVE, "ioapic": IRQCHIP_IOAPIC}
 
 # Where KVM may place the three pages it needs for real-mode emulation on
 # VT-x (KVM_SET_TSS_ADDR) and the EPT identity map page: just below the
@@ -56,6 +57,7 @@ class Vm:
         self.vcpus: list[Vcpu] = []
         self.memory: list[GuestMemory] = []
         self.has_irqchip = False
+        self.has_pit = False
 
     # -- capabilities ------------------------------------------------------
 
@@ -127,6 +129,7 @@ class Vm:
         cfg = ffi.new("struct kvm_pit_config *")
         cfg.flags = flags
         ioctl(self.fd, "KVM_CREATE_PIT2", cfg)
+        self.has_pit = True
 
     def set_tss_addr(self, addr: int = DEFAULT_TSS_ADDR) -> None:
         """KVM_SET_TSS_ADDR: three pages KVM may use for real mode on VT-x."""
@@ -262,18 +265,32 @@ class Vm:
             r.flags, r.base, r.nmsrs, r.bitmap = flags, base, nmsrs, buf
         ioctl(self.fd, "KVM_X86_SET_MSR_FILTER", f)
 
+    # -- saved state -------------------------------------------------------------
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """The in-kernel devices and the clock, JSON-able: PIC master/slave, IOAPIC, PIT2 (if created), kvmclock."""
+        s: dict[str, Any] = {
+            "irqchip": {name: to_blob(self.get_irqchip(chip)) for name, chip in IRQCHIPS.items()},
+            "clock": self.get_clock().clock,
+        }
+        if self.has_pit:
+            s["pit2"] = to_blob(self.get_pit2())
+        return s
+
+    def restore_state(self, s: dict[str, Any]) -> None:
+        """Load a `snapshot_state()`; a PIT in one and not the other is refused."""
+        if ("pit2" in s) != self.has_pit:
+            raise SnapshotError(f"the saved VM {'has' if 'pit2' in s else 'has no'} PIT; this VM "
+                                f"{'has' if self.has_pit else 'has none'}")
+        for name in IRQCHIPS:
+            self.set_irqchip(from_blob("irqchip", s["irqchip"][name]))
+        if self.has_pit:
+            self.set_pit2(from_blob("pit2", s["pit2"]))
+        self.set_clock(int(s["clock"]))
+
     def get_stats_fd(self) -> int:
         """KVM_GET_STATS_FD: a file of the VM's binary statistics (caller owns the fd)."""
         return ioctl_int(self.fd, "KVM_GET_STATS_FD")
-
-    def stats(self) -> dict[str, Any]:
-        """KVM's own counters of this VM and its vCPUs, read through KVM_GET_STATS_FD.
-
-        For the userspace exit accounting too, use `kvmpy.stats.vm_stats(machine)`.
-        """
-        return vm_stats(self)
-
-    # -- vCPUs ---------------------------------------------------------------
 
     def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
         """KVM_CREATE_VCPU, and map its kvm_run area."""

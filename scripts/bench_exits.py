@@ -201,7 +201,7 @@ def _kvmpy_guest(kvm: kvmpy.Kvm, code: bytes, count: int, accounting: ExitAccoun
     pio, mmio = kvmpy.pio_bus(), kvmpy.mmio_bus()
     pio.register(PORT, 1, NullDevice())
     mmio.register(MMIO_ADDR, 0x1000, NullDevice())
-    loop = kvmpy.VcpuLoop(vcpu, pio, mmio, accounting=accounting)
+    loop = kvmpy.VcpuLoop(vcpu, pio, mmio, accounting=accounting if accounting is not None else ExitAccounting(vcpu.id))
     return vm, mem, loop
 
 

@@ -57,7 +57,7 @@ from kvmpy.devices.virtio.blk import BlockDevice  # noqa: E402
 from kvmpy.devices.virtio.mmio import MMIO_WINDOW  # noqa: E402
 from kvmpy.devices.virtio.net import NetDevice  # noqa: E402
 from kvmpy.disk import make_ext4_image, populate_busybox_root  # noqa: E402
-from kvmpy.machine import DEFAULT_CMDLINE, Machine, MachineConfig  # noqa: E402
+from kvmpy.machine import DEFAULT_CMDLINE, MachineConfig, build  # noqa: E402
 from kvmpy.net.tap import Tap  # noqa: E402
 
 HOST_IP, GUEST_IP = "172.31.201.1", "172.31.201.2"
@@ -98,8 +98,8 @@ class Guest:
         self.net = NetDevice(self.tap.fd, "52:54:00:be:ec:01", owner=self.tap)
         cmdline = (f"{DEFAULT_CMDLINE} root=/dev/vda ro rootfstype=ext4 init=/init "
                    f"ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off")
-        self.machine = Machine(MachineConfig(kernel=kernel, initrd=None, cmdline=cmdline, memory="256M", cpus=1,
-                                             devices=[self.root, self.disk, self.net]))
+        self.machine = build(MachineConfig(kernel=kernel, initrd=None, cmdline=cmdline, memory="256M", vcpus=1,
+                                             ), devices=[self.root, self.disk, self.net])
         assert self.machine.virtio is not None
         self.attached = self.machine.virtio
         self.windows = [(s.base, s.base + MMIO_WINDOW) for s in self.attached.slots]

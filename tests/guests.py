@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import kvmpy
+from kvmpy.assists import Assists
 from kvmpy.bus import Bus
 from kvmpy.exits import Exit
 from kvmpy.memory import GuestMemory, MemoryRegion
 from kvmpy.runloop import Handler, VcpuLoop
+from kvmpy.stats.accounting import ExitAccounting
 from kvmpy.x86 import modes
 from kvmpy.x86.asm import assemble
 
@@ -89,9 +91,15 @@ class Guest:
     port_base: int
     regions: dict[str, MemoryRegion] = field(default_factory=dict)
     loop: VcpuLoop | None = None
+    assists: Assists | None = None
 
-    def make_loop(self, handlers: Mapping[int, Handler] | None = None, **kwargs: Any) -> VcpuLoop:
-        self.loop = VcpuLoop(self.vcpu, self.pio, self.mmio, handlers=dict(handlers or {}), **kwargs)
+    def make_loop(self, handlers: Mapping[int, Handler] | None = None, *, assists: Assists | None = None,
+                  accounting: ExitAccounting | None = None) -> VcpuLoop:
+        """A loop as a machine has it: exit accounting, and instruction completion behind `handlers`."""
+        self.loop = VcpuLoop(self.vcpu, self.pio, self.mmio, handlers=dict(handlers or {}),
+                             accounting=accounting if accounting is not None else ExitAccounting(self.vcpu.id))
+        self.assists = assists if assists is not None else Assists()
+        self.assists.attach(self.loop)
         return self.loop
 
     def run(self, handlers: Mapping[int, Handler] | None = None, **kwargs: Any) -> Exit:

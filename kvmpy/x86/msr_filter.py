@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from .._kvm import lib
+from ..errors import SnapshotError
 from ..exits import Exit, MsrExit
 
 MsrHandler = Callable[[Any, MsrExit], None]  # (vcpu, exit): must call exit.complete(...)
@@ -74,6 +75,17 @@ class MsrFilter:
         flags = lib.KVM_MSR_FILTER_READ | lib.KVM_MSR_FILTER_WRITE
         self.vm.set_msr_filter([(flags, index, 1, bytes([0])) for index in sorted(self.handlers)])
         self.installed = True
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """Which MSRs are filtered: the handlers are code, rebuilt from the machine's config."""
+        return {"msrs": sorted(self.handlers)}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Check that this filter intercepts the MSRs the saved one did (the guest relies on their answers)."""
+        saved = sorted(int(i) for i in state.get("msrs", []))
+        if saved != sorted(self.handlers):
+            raise SnapshotError(f"the saved machine filtered MSRs {[hex(i) for i in saved]}, this one filters "
+                                f"{[hex(i) for i in sorted(self.handlers)]}; the host's quirks differ")
 
     def attach(self, loop: Any) -> None:
         """Route one vCPU loop's MSR exits to the handlers."""

@@ -79,11 +79,24 @@ class SyscallTrap:
         self.pgd_entry = pdpt | flags
 
     def attach(self, loop: Any) -> None:
+        """Take this vCPU's trap exits (before instruction completion sees them)."""
         vcpu = loop.vcpu
         vcpu.run_struct.kvm_valid_regs = _SYNC
         if self._own_filter:
             self.msr_filter.attach(loop)
-        loop.assists.hooks.insert(0, self._trap)
+        loop.add_handler(lib.KVM_EXIT_INTERNAL_ERROR, lambda exit: self._trap(vcpu, exit) or None, first=True)
+
+    # -- saved state -------------------------------------------------------------
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """Per vCPU the LSTAR the guest wrote and its kernel CS; the trap count."""
+        return {"guest_lstar": {str(k): v for k, v in self.guest_lstar.items()},
+                "kernel_cs": {str(k): v for k, v in self.kernel_cs.items()}, "traps": self.traps}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self.guest_lstar = {int(k): int(v) for k, v in state["guest_lstar"].items()}
+        self.kernel_cs = {int(k): int(v) for k, v in state["kernel_cs"].items()}
+        self.traps = int(state["traps"])
 
     # -- MSR exits ---------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import pytest
 
 from kvmpy.boot.initramfs import INIT_MARKER, busybox_initramfs
 from kvmpy.devices.virtio.vsock import VhostVsockDevice, vhost_vsock_available
-from kvmpy.machine import DEFAULT_CMDLINE, Machine, MachineConfig
+from kvmpy.machine import DEFAULT_CMDLINE, MachineConfig, build
 from vsock_client import build_vsock_client, serve_one, set_connect_timeout, vhost_device_on_a_free_cid
 
 pytestmark = [
@@ -99,8 +99,8 @@ def session(guest_artifacts, tmp_path_factory) -> Session:
     dev = vhost_device_on_a_free_cid(0x2000_0000)
     s = Session("", None, dev.guest_cid, client_built=client is not None)
     try:
-        machine = Machine(MachineConfig(kernel=vmlinux, initrd=initrd, cmdline=DEFAULT_CMDLINE, memory="128M",
-                                        cpus=1, devices=[dev]))
+        machine = build(MachineConfig(kernel=vmlinux, initrd=initrd, cmdline=DEFAULT_CMDLINE, memory="128M",
+                                        vcpus=1), devices=[dev])
     except BaseException:
         dev.close()
         listener.close()

@@ -29,7 +29,7 @@ import pytest
 
 from kvmpy.boot.initramfs import INIT_MARKER
 from kvmpy.disk import ext4_mount_count, make_ext4_image, populate_busybox_root, read_file_from_image
-from kvmpy.machine import DEFAULT_CMDLINE, Machine, MachineConfig
+from kvmpy.machine import DEFAULT_CMDLINE, MachineConfig, build
 from vsock_client import build_vsock_client, serve_one
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm]
@@ -134,9 +134,9 @@ def session(tmp_path_factory) -> Session:
     vsock = VsockDevice(uds, GUEST_CID)
     cmdline = (f"{DEFAULT_CMDLINE} root=/dev/vda rw rootfstype=ext4 init=/init "
                f"ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off")
-    config = MachineConfig(kernel=kernel, initrd=None, cmdline=cmdline, memory="256M", cpus=1,
-                           devices=[blk, net, rng, vsock])
-    machine = Machine(config)
+    config = MachineConfig(kernel=kernel, initrd=None, cmdline=cmdline, memory="256M", vcpus=1,
+                           )
+    machine = build(config, devices=[blk, net, rng, vsock])
     replies = 0
     host_initiated: list[bytes] = []
     try:

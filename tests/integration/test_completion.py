@@ -87,7 +87,8 @@ class GuestRunner:
             s.cr4 |= cr4_extra
             g.vcpu.set_sregs(s)
         self.assists = Assists(g.mem, mmio_bus=g.mmio)
-        self.loop = VcpuLoop(g.vcpu, g.pio, g.mmio, assists=self.assists)
+        self.loop = VcpuLoop(g.vcpu, g.pio, g.mmio)
+        self.assists.attach(self.loop)
 
     def run(self, values: dict, memory: bytes = b"") -> tuple[dict, bytes]:
         g = self.g

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.errors import BootError
-from kvmpy.machine import Machine, MachineConfig, Status
+from kvmpy.machine import MachineConfig, Status, build
 
 PRINT = """
     lea msg(%rip), %rsi
@@ -46,7 +46,7 @@ def _elf(tmp_path: Path, name: str) -> Path:
 
 
 def _outcome(tmp_path: Path, name: str, kvm, **config):
-    with Machine(MachineConfig(kernel=_elf(tmp_path, name), memory="64M", **config), kvm=kvm) as m:
+    with build(MachineConfig(kernel=_elf(tmp_path, name), memory="64M", **config), kvm=kvm) as m:
         m.start()
         outcome = m.wait(60)
         console = m.console.text()
@@ -75,7 +75,7 @@ def test_panic_followed_by_reset_is_a_panic(tmp_path, kvm):
 
 
 def test_stop_ends_a_spinning_guest(tmp_path, kvm):
-    with Machine(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", cpus=2), kvm=kvm) as m:
+    with build(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", vcpus=2), kvm=kvm) as m:
         m.start()
         assert m.wait(0.5) is None
         outcome = m.stop()
@@ -105,13 +105,13 @@ def test_a_bad_kernel_is_refused_before_any_vm_exists(tmp_path, kvm, problem, ma
     make(elf)
     vms_before = len(list(Path("/proc/self/fd").iterdir()))
     with pytest.raises(BootError):
-        Machine(MachineConfig(kernel=elf, memory="64M"), kvm=kvm)
+        build(MachineConfig(kernel=elf, memory="64M"), kvm=kvm)
     assert len(list(Path("/proc/self/fd").iterdir())) == vms_before  # no VM fd was opened or leaked
 
 
 def test_impossible_memory_size_is_refused(tmp_path, kvm):
     with pytest.raises(BootError, match="more than this host has"):
-        Machine(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64T"), kvm=kvm)
+        build(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64T"), kvm=kvm)
 
 
 def test_kvmpy_run_reports_a_missing_kernel_clearly(tmp_path):
@@ -127,9 +127,8 @@ def test_kvmpy_run_attaches_virtio_devices_and_names_them_on_the_command_line(tm
                         "--mem", "64M", "--disk", f"{image},ro", "--rng", "--timeout", "60"],
                        stdin=subprocess.DEVNULL, capture_output=True)
     assert p.returncode == 0, p.stderr.decode()
-    from kvmpy.devices.virtio.attach import devices_from_config
-    devices = devices_from_config(disks=[f"{image},ro"], rng=True)
-    with Machine(MachineConfig(kernel=_elf(tmp_path, "poweroff"), memory="64M", devices=devices), kvm=kvm) as m:
+    config = MachineConfig(kernel=_elf(tmp_path, "poweroff"), memory="64M", disks=[f"{image},ro"], rng=True)
+    with build(config, kvm=kvm) as m:
         cmdline = m.memory.read(m.boot.cmdline_addr, 2048).split(b"\0")[0].decode()
     assert cmdline.count("virtio_mmio.device=4K@0x") == 2
 
@@ -188,7 +187,7 @@ def test_fw_cfg_answers_the_qemu_signature_when_switched_on(tmp_path, kvm):
     out %eax, $0xf4
     """)
     config = MachineConfig(kernel=kernel, memory="64M", test_devices=("fw-cfg", "debug-exit"))
-    with Machine(config, kvm=kvm) as m:
+    with build(config, kvm=kvm) as m:
         m.start()
         outcome = m.wait(60)
         assert outcome.status is Status.DEBUG_EXIT and outcome.exit_code == 1
@@ -196,5 +195,65 @@ def test_fw_cfg_answers_the_qemu_signature_when_switched_on(tmp_path, kvm):
 
 
 def test_unknown_test_device_is_refused(tmp_path, kvm):
-    with pytest.raises(BootError, match="unknown test device"):
-        Machine(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", test_devices=("vga",)), kvm=kvm)
+    with pytest.raises(BootError, match="test_devices: unknown vga"):
+        build(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", test_devices=("vga",)), kvm=kvm)
+
+
+# -- what a snapshot refuses, on real machines ------------------------------------------
+
+def test_snapshot_refuses_a_device_without_the_protocol_naming_it(tmp_path, kvm):
+    from kvmpy.errors import SnapshotError
+    from kvmpy.snapshot import take_snapshot
+
+    class Gadget:
+        def read(self, offset, size):
+            return 0
+
+        def write(self, offset, size, value):
+            pass
+
+    with build(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M"), kvm=kvm) as m:
+        m.mmio.register(0xD000_0000, 0x1000, Gadget(), "virtio-gadget")
+        with pytest.raises(SnapshotError, match=r"mmio:0xd0000000:virtio-gadget have no snapshot_state"):
+            take_snapshot(m, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_snapshot_refuses_a_running_machine(tmp_path, kvm):
+    from kvmpy.errors import SnapshotError
+    from kvmpy.snapshot import take_snapshot
+
+    with build(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M"), kvm=kvm) as m:
+        m.start()
+        with pytest.raises(SnapshotError, match="pause"):
+            take_snapshot(m, tmp_path / "s")
+
+
+@pytest.mark.parametrize("change, what", [({"pit": False}, "without a PIT"),
+                                          ({"cpuid": lambda kvm, i, n: kvm.get_supported_cpuid()},
+                                           "custom CPUID table")])
+def test_snapshot_refuses_what_a_restore_could_not_rebuild(tmp_path, kvm, change, what):
+    from kvmpy.errors import SnapshotError
+    from kvmpy.snapshot import take_snapshot
+
+    with build(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", **change), kvm=kvm) as m:
+        with pytest.raises(SnapshotError, match=what):
+            take_snapshot(m, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_pause_parks_the_vcpu_threads_and_resume_continues_them(tmp_path, kvm):
+    import threading
+
+    with build(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", vcpus=2), kvm=kvm) as m:
+        m.start()
+        threads = {t.ident for t in threading.enumerate() if t.name.startswith("vcpu")}
+        for _ in range(3):
+            m.pause()
+            assert m.state == "paused" and all(t.state in ("parked", "created") for t in m.threads)
+            m.resume()
+            assert m.state == "running"
+        # the same threads all along: pausing parks them, it does not end and recreate them
+        assert {t.ident for t in threading.enumerate() if t.name.startswith("vcpu")} == threads
+        assert m.stop().status is Status.STOPPED
+    assert not [t for t in threading.enumerate() if t.name.startswith("vcpu") and t.ident in threads]

@@ -60,10 +60,12 @@ def test_each_vcpu_thread_records_its_own_thread_ident(guest):
     g = guest("64", SUM_TO_100)
     second, _ = add_vcpu(g, FACTORIAL_10, stack=0x6000, origin=0x20000)
     idents = {}
+    both_ran = threading.Barrier(2, timeout=60)  # both threads alive at once: idents are only reused after one ends
 
     def run(vcpu) -> None:
         VcpuLoop(vcpu, pio_bus(), g.mmio).run()
         idents[vcpu.id] = threading.get_ident()
+        both_ran.wait()
 
     threads = [threading.Thread(target=run, args=(v,)) for v in (g.vcpu, second)]
     for t in threads:

@@ -107,18 +107,10 @@ def test_cleanup_leaves_live_processes_taps_alone():
         assert link_exists(tap.name)
 
 
-def test_devices_from_config_creates_and_removes_the_tap():
-    from dataclasses import dataclass
+def test_make_devices_creates_and_removes_the_tap():
+    from kvmpy.machine import MachineConfig, NetConfig, make_devices
 
-    from kvmpy.devices.virtio.attach import devices_from_config
-
-    @dataclass
-    class Net:
-        tap: str | None
-        mac: str | None
-        host_address: str | None = None
-
-    (net,) = devices_from_config(nets=[Net(None, "52:54:00:00:00:09", "172.31.252.1/24")], rng=False)
+    (net,) = make_devices(MachineConfig(kernel=None, nets=[NetConfig(None, "52:54:00:00:00:09", "172.31.252.1/24")]))
     name = net.owner.name
     assert link_exists(name) and net.mac == bytes.fromhex("525400000009")
     net.close()

@@ -184,26 +184,22 @@ def test_ext4_image_errors_are_clear(tmp_path):
 
 
 def test_disk_argument_parsing():
-    from kvmpy.devices.virtio.attach import parse_disk_arg
-    assert parse_disk_arg("root.img") == ("root.img", False)
-    assert parse_disk_arg("root.img,ro") == ("root.img", True)
-    with pytest.raises(ValueError, match="IMG,ro"):
-        parse_disk_arg("root.img,readonly")
+    from pathlib import Path
+
+    from kvmpy.machine import ConfigError, DiskConfig
+    assert DiskConfig.parse("root.img") == DiskConfig(Path("root.img"), False)
+    assert DiskConfig.parse("root.img,ro") == DiskConfig(Path("root.img"), True)
+    with pytest.raises(ConfigError, match="IMG,ro"):
+        DiskConfig.parse("root.img,readonly")
 
 
-def test_devices_from_config_makes_disks_rng_and_vsock(tmp_path, image):
-    from dataclasses import dataclass
-
-    from kvmpy.devices.virtio.attach import devices_from_config
+def test_make_devices_makes_disks_rng_and_vsock(tmp_path, image):
     from kvmpy.devices.virtio.rng import EntropyDevice
     from kvmpy.devices.virtio.vsock import VsockDevice
+    from kvmpy.machine import MachineConfig, VsockConfig, make_devices
 
-    @dataclass
-    class Vsock:
-        cid: int
-        uds_path: str
-
-    devs = devices_from_config([f"{image},ro", image], vsock=Vsock(7, str(tmp_path / "v.sock")))
+    devs = make_devices(MachineConfig(kernel=None, disks=[f"{image},ro", image], rng=True,
+                                      vsock=VsockConfig(7, "userspace", str(tmp_path / "v.sock"))))
     try:
         assert [type(d).__name__ for d in devs] == ["BlockDevice", "BlockDevice", "EntropyDevice", "VsockDevice"]
         assert devs[0].read_only and not devs[1].read_only
@@ -213,9 +209,9 @@ def test_devices_from_config_makes_disks_rng_and_vsock(tmp_path, image):
             d.close()
 
 
-def test_devices_from_config_closes_what_it_made_on_error(tmp_path, image):
-    from kvmpy.devices.virtio.attach import devices_from_config
+def test_make_devices_closes_what_it_made_on_error(tmp_path, image):
+    from kvmpy.machine import DeviceError, MachineConfig, make_devices
     before = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(OSError, match="missing.img"):
-        devices_from_config([image, tmp_path / "missing.img"])
+    with pytest.raises(DeviceError, match="disks.1. .*missing.img"):
+        make_devices(MachineConfig(kernel=None, disks=[image, tmp_path / "missing.img"]))
     assert len(os.listdir("/proc/self/fd")) == before

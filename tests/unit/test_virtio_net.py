@@ -126,14 +126,14 @@ def test_mac_parsing():
 
 
 def test_net_argument_parsing():
-    from kvmpy.devices.virtio.attach import parse_net_arg
-    assert parse_net_arg("tap") == {"tap": None, "host_address": None, "mac": None, "bridge": None}
-    assert parse_net_arg("tap=vm0,ip=172.31.0.1/24,mac=52:54:00:00:00:01") == {
-        "tap": "vm0", "host_address": "172.31.0.1/24", "mac": "52:54:00:00:00:01", "bridge": None}
-    with pytest.raises(ValueError, match="only TAP"):
-        parse_net_arg("user")
-    with pytest.raises(ValueError, match="unknown option"):
-        parse_net_arg("tap,speed=10")
+    from kvmpy.machine import ConfigError, NetConfig
+    assert NetConfig.parse("tap") == NetConfig()
+    assert NetConfig.parse("tap=vm0,ip=172.31.0.1/24,mac=52:54:00:00:00:01") == NetConfig(
+        tap="vm0", host_address="172.31.0.1/24", mac="52:54:00:00:00:01")
+    with pytest.raises(ConfigError, match="only TAP"):
+        NetConfig.parse("user")
+    with pytest.raises(ConfigError, match="unknown option"):
+        NetConfig.parse("tap,speed=10")
 
 
 def test_transmit_offloads_are_offered_and_can_be_turned_off(mem):

@@ -95,10 +95,10 @@ def test_both_back_ends_share_the_device_type_and_configuration_space(tmp_path):
 # -- `kvmpy run --vsock CID[,backend=...]` and config objects ------------------------------
 
 def test_vsock_argument_keeps_the_plain_cid_form():
-    from kvmpy.devices.virtio.attach import parse_vsock_arg
-    assert parse_vsock_arg("3") == {"cid": 3, "backend": "auto"}
-    assert parse_vsock_arg("7,backend=vhost") == {"cid": 7, "backend": "vhost"}
-    assert parse_vsock_arg("7,backend=userspace") == {"cid": 7, "backend": "userspace"}
+    from kvmpy.machine import VsockConfig
+    assert VsockConfig.parse("3") == VsockConfig(3, "auto")
+    assert VsockConfig.parse("7,backend=vhost") == VsockConfig(7, "vhost")
+    assert VsockConfig.parse("7,backend=userspace") == VsockConfig(7, "userspace")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -107,28 +107,34 @@ def test_vsock_argument_keeps_the_plain_cid_form():
     ("3,uds=/tmp/v", "unknown option 'uds=/tmp/v'"),
 ])
 def test_bad_vsock_argument_is_refused_naming_the_options(text, message):
-    from kvmpy.devices.virtio.attach import parse_vsock_arg
-    with pytest.raises(ValueError, match=message):
-        parse_vsock_arg(text)
+    from kvmpy.machine import ConfigError, VsockConfig
+    with pytest.raises(ConfigError, match=message):
+        VsockConfig.parse(text)
 
 
-def test_devices_from_config_takes_the_command_line_form(absent_node):
-    from kvmpy.devices.virtio.attach import devices_from_config
-    (dev,) = devices_from_config(vsock="9,backend=userspace", rng=False)
+def test_make_devices_takes_the_command_line_form(absent_node):
+    from kvmpy.machine import MachineConfig, make_devices
+    (dev,) = make_devices(MachineConfig(kernel=None, vsock="9,backend=userspace"))
     dev.close()
     assert (dev.backend, dev.guest_cid) == ("userspace", 9)
 
 
-def test_devices_from_config_vhost_without_the_node_fails_before_any_vm(absent_node):
-    from types import SimpleNamespace
-
-    from kvmpy.devices.virtio.attach import devices_from_config
+def test_make_devices_vhost_without_the_node_fails_before_any_vm(absent_node):
+    from kvmpy.machine import MachineConfig, VsockConfig, make_devices
     with pytest.raises(VhostUnavailableError, match="vhost-vsock: no such device"):
-        devices_from_config(vsock=SimpleNamespace(cid=3, backend="vhost"), rng=True)
+        make_devices(MachineConfig(kernel=None, vsock=VsockConfig(3, backend="vhost"), rng=True))
 
 
-def test_kvmpy_run_reports_a_missing_vhost_vsock_before_booting(absent_node, capsys):
+def test_kvmpy_run_reports_a_missing_vhost_vsock_before_booting(absent_node, capsys, tmp_path):
+    import struct
+
     from kvmpy.cli import main
-    assert main(["run", "--kernel", "/nonexistent", "--vsock", "3,backend=vhost"]) == 1
+
+    # A multiboot kernel that is only a header (a.out kludge): it passes the image checks, then the device fails.
+    magic, flags = 0x1BADB002, 0x0001_0000
+    kernel = tmp_path / "mb"
+    kernel.write_bytes(struct.pack("<8I", magic, flags, -(magic + flags) & 0xFFFFFFFF,
+                                   0x100000, 0x100000, 0x100020, 0x100020, 0x100020) + bytes(4096))
+    assert main(["run", "--kernel", str(kernel), "--mem", "64M", "--vsock", "3,backend=vhost"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"kvmpy: {absent_node}: no such device") and "modprobe vhost_vsock" in err

@@ -17,10 +17,11 @@ path pulses the line with KVM_IRQ_LINE the same way.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from ...bus import Bus
 from ...memory import GuestMemory
@@ -165,6 +166,18 @@ class VirtioDevices:
                 old.close()
         self.ioeventfd, self.irqfd = ioeventfd, irqfd
 
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Hold every device still (each transport's lock): the I/O thread cannot touch guest RAM meanwhile."""
+        with contextlib.ExitStack() as stack:
+            for s in self.slots:
+                stack.enter_context(s.transport.lock)
+            yield
+
+    def snapshot_configs(self) -> list[dict]:
+        """Each device's `snapshot_config()`, in attach order (= MMIO window and GSI order)."""
+        return [s.device.snapshot_config() for s in self.slots]
+
     def close(self) -> None:
         """Unwire and close every device (call after the vCPUs stopped)."""
         vm_open = getattr(self.vm, "fd", -1) >= 0
@@ -193,99 +206,6 @@ def _add_notify_fds(vm: Any, slot: VirtioSlot) -> None:
         slot.notify_fds.append(efd)
         vm.ioeventfd(efd, slot.base + Register.QUEUE_NOTIFY, 4, datamatch=i)
         _serve_notifies(slot.iothread, slot.transport, i, efd)
-
-
-def parse_disk_arg(text: str) -> tuple[str, bool]:
-    """`kvmpy run --disk IMG[,ro]` -> (path, read_only)."""
-    path, _, opts = text.partition(",")
-    if not path or opts not in ("", "ro", "rw"):
-        raise ValueError(f"--disk {text!r}: expected IMG or IMG,ro")
-    return path, opts == "ro"
-
-
-def parse_net_arg(text: str) -> dict[str, str | None]:
-    """`kvmpy run --net tap[=NAME][,ip=ADDR/PREFIX][,mac=MAC][,bridge=BR]` -> Tap/NetDevice keywords."""
-    first, *rest = text.split(",")
-    kind, _, name = first.partition("=")
-    if kind != "tap":
-        raise ValueError(f"--net {text!r}: only TAP networking exists: tap[=NAME][,ip=ADDR/PREFIX][,mac=MAC]")
-    out: dict[str, str | None] = {"tap": name or None, "host_address": None, "mac": None, "bridge": None}
-    keys = {"ip": "host_address", "mac": "mac", "bridge": "bridge"}
-    for item in rest:
-        key, _, value = item.partition("=")
-        if key not in keys or not value:
-            raise ValueError(f"--net {text!r}: unknown option {item!r} (ip=, mac=, bridge=)")
-        out[keys[key]] = value
-    return out
-
-
-def parse_vsock_arg(text: str) -> dict[str, Any]:
-    """`kvmpy run --vsock CID[,backend=auto|vhost|userspace]` -> {"cid": int, "backend": str}."""
-    from .vsock import BACKENDS
-
-    first, *rest = text.split(",")
-    if not first.isdigit():
-        raise ValueError(f"--vsock {text!r}: expected CID[,backend={'|'.join(BACKENDS)}], e.g. 3,backend=vhost")
-    out: dict[str, Any] = {"cid": int(first), "backend": "auto"}
-    for item in rest:
-        key, _, value = item.partition("=")
-        if key != "backend" or value not in BACKENDS:
-            raise ValueError(f"--vsock {text!r}: unknown option {item!r} (backend={'|'.join(BACKENDS)})")
-        out["backend"] = value
-    return out
-
-
-def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vsock: Any = None,
-                        rng: bool = True) -> list[VirtioDevice]:
-    """Device objects for a machine config, in the order they get MMIO windows.
-
-    `disks`: objects with `path` and `read_only` (e.g. `kvmpy.microvm.DiskConfig`),
-    paths, or "IMG[,ro]" strings. `nets`: objects with `tap` (a name or None for a
-    generated one) and `mac`, optionally `host_address` and `bridge`, or
-    "tap[=NAME][,ip=...]" strings. `vsock`: an object with `cid`, optionally
-    `backend` ("auto", the default: vhost-vsock when /dev/vhost-vsock exists,
-    else userspace; "vhost"; "userspace") and `uds_path` (the userspace back
-    end's socket, default /tmp/kvmpy-<pid>-vsock.sock), or a
-    "CID[,backend=...]" string. On an error the devices made so far are
-    closed again.
-    """
-    from ...net.tap import Tap
-    from .blk import BlockDevice
-    from .net import NetDevice
-    from .rng import EntropyDevice
-    from .vsock import vsock_device
-
-    made: list[VirtioDevice] = []
-    try:
-        for d in disks:
-            if isinstance(d, str):
-                path, ro = parse_disk_arg(d)
-            elif isinstance(d, os.PathLike):
-                path, ro = d, False
-            else:
-                path, ro = d.path, bool(d.read_only)
-            made.append(BlockDevice(path, read_only=ro))
-        for n in nets:
-            opts = parse_net_arg(n) if isinstance(n, str) else {
-                "tap": getattr(n, "tap", None), "mac": getattr(n, "mac", None),
-                "host_address": getattr(n, "host_address", None), "bridge": getattr(n, "bridge", None)}
-            tap = Tap(opts["tap"], host_address=opts["host_address"], bridge=opts["bridge"])
-            try:
-                made.append(NetDevice(tap.fd, opts["mac"], owner=tap))
-            except BaseException:
-                tap.close()
-                raise
-        if rng:
-            made.append(EntropyDevice())
-        if vsock is not None:
-            opts = parse_vsock_arg(vsock) if isinstance(vsock, str) else {
-                "cid": vsock.cid, "backend": getattr(vsock, "backend", None) or "auto"}
-            made.append(vsock_device(opts["cid"], backend=opts["backend"], uds_path=getattr(vsock, "uds_path", None)))
-    except BaseException:
-        for dev in made:
-            dev.close()
-        raise
-    return made
 
 
 def device_from_snapshot(config: dict) -> VirtioDevice:
@@ -375,5 +295,4 @@ def attach_virtio(vm: Any, memory: GuestMemory, mmio_bus: Bus, devices: Iterable
 
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_FIRST_GSI", "IrqLineInterrupt", "IrqfdInterrupt", "VirtioDevices",
-           "VirtioSlot", "attach_virtio", "device_from_snapshot", "devices_from_config",
-           "devices_from_snapshot", "gsis", "parse_disk_arg", "parse_net_arg", "parse_vsock_arg"]
+           "VirtioSlot", "attach_virtio", "device_from_snapshot", "devices_from_snapshot", "gsis"]
