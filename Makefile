@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KVMPY  := $(VENV)/bin/kvmpy
 
-.PHONY: all deps venv guest run test test-unit bench clean
+.PHONY: all deps venv guest run test test-unit lint bench clean
 
 all: venv
 
@@ -32,6 +32,12 @@ run: guest
 
 test: guest
 	$(PY) -m pytest -q -ra
+
+# ruff (style, import order, bugbear, no private-member access) and mypy
+# (strict on the fd layer); configured in pyproject.toml.
+lint: venv
+	$(PY) -m ruff check kvmpy tests scripts examples
+	$(PY) -m mypy
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit

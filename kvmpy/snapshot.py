@@ -218,12 +218,13 @@ def take_snapshot(machine: Machine, directory: str | os.PathLike[str], *, meta: 
         virtio = machine.virtio.snapshot_configs() if machine.virtio is not None else []
     except SnapshotRefused as e:  # first: a device that cannot be recreated refuses here
         raise SnapshotError(f"cannot snapshot: {e}") from None
-    state = machine.snapshot_state()
     config = machine.config.to_dict()
     config["virtio"] = virtio
-    data = SnapshotData(config, [(r.gpa, r.mapping) for r in machine.memory], state.to_dict(),
-                        machine.console.contents(), dict(meta or {}))
-    return data.write(directory)
+    with machine.quiesced():  # the state and memory.bin must be of one instant
+        state = machine.snapshot_state()
+        data = SnapshotData(config, [(r.gpa, r.mapping) for r in machine.memory], state.to_dict(),
+                            machine.console.contents(), dict(meta or {}))
+        return data.write(directory)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from ..devices.virtio.attach import attach_virtio
 from ..devices.virtio.iothread import IoThread
 from ..devices.virtio.mmio import VirtioDevice
 from ..errors import BootError, KvmError
-from ..exits import IntrExit
+from ..exits import Exit
 from ..kvm import Kvm
 from ..memory import GuestMemory
 from ..platform import Quirks, resolve_quirks
@@ -210,7 +210,10 @@ def _assemble(config: MachineConfig, quirks: Quirks, multiboot: bool, memory: Gu
         ending = Ending()
         console = ConsoleLog(console_sink, ending.finish)
         pio, mmio = pio_bus(), mmio_bus()
-        serial = Serial16550(console.append, irq=lambda level: vm.irq_line(COM1_IRQ, int(level)))
+        def com1_irq(level: bool) -> None:
+            vm.irq_line(COM1_IRQ, int(level))
+
+        serial = Serial16550(console.append, irq=com1_irq)
         pio.register(COM1_PORT, 8, serial, "COM1")
         i8042 = I8042(on_reset=lambda: ending.finish(Outcome(Status.REBOOT, "i8042 reset")))
         pio.register(I8042_PORT, I8042_PORTS, i8042, "i8042")
@@ -286,7 +289,7 @@ class _S3Wake:
             self.pending = True
             self.vcpu.kick()
 
-    def on_kick(self, exit: IntrExit) -> bool:
+    def on_kick(self, exit: Exit) -> bool:
         if self.pending:
             self.pending = False
             vector = self.memory.read_u32(acpi.FACS_WAKING_VECTOR)

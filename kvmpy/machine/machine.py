@@ -20,6 +20,7 @@ panic"), a write to isa-debug-exit, error (the VMM could not continue).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sys
 import threading
@@ -395,8 +396,16 @@ class Machine:
                     seen.add(id(r.device))
                     yield f"{bus_name}:{r.base:#x}:{r.name}", r.device
 
+    def quiesced(self) -> Any:
+        """A context in which nothing changes guest RAM or device state: the vCPUs must be parked,
+        and the virtio devices hold still (their I/O thread would go on receiving into guest RAM)."""
+        return self.virtio.quiesced() if self.virtio is not None else contextlib.nullcontext()
+
     def snapshot_state(self) -> MachineState:
-        """Every component's own state; the machine must be paused (or built and not started)."""
+        """Every component's own state; the machine must be paused (or built and not started).
+
+        Take it inside `quiesced()`, together with whatever else must match it (guest RAM).
+        """
         if self.state not in ("paused", "created"):
             raise SnapshotError(f"the machine is {self.state}; pause() it before taking its state")
         if self.config.cpuid is not None or not self.config.pit:
@@ -410,21 +419,13 @@ class Machine:
             raise SnapshotError("cannot snapshot: device(s) " + ", ".join(missing) +
                                 " have no snapshot_state()/restore_state()")
         msr_indices = self.kvm.get_msr_index_list()
-        with self._quiet_devices():
-            return MachineState(
-                vcpus=[v.snapshot_state(msr_indices) for v in self.vcpus],
-                vm=self.vm.snapshot_state(),
-                devices={k: _device_state(k, dev) for k, dev in devices},
-                msr_filter=self.msr_filter.snapshot_state(),
-                syscall_trap=None if self.syscall_trap is None else self.syscall_trap.snapshot_state(),
-                console=self.console.snapshot_state())
-
-    def _quiet_devices(self) -> Any:
-        # The vCPUs are parked, but the I/O thread would go on receiving into guest
-        # RAM: the virtio devices hold still while their state and memory are read.
-        import contextlib
-
-        return self.virtio.quiesced() if self.virtio is not None else contextlib.nullcontext()
+        return MachineState(
+            vcpus=[v.snapshot_state(msr_indices) for v in self.vcpus],
+            vm=self.vm.snapshot_state(),
+            devices={k: _device_state(k, dev) for k, dev in devices},
+            msr_filter=self.msr_filter.snapshot_state(),
+            syscall_trap=None if self.syscall_trap is None else self.syscall_trap.snapshot_state(),
+            console=self.console.snapshot_state())
 
     def restore_state(self, state: MachineState, console: bytes = b"") -> dict[int, list[int]]:
         """Load every component's state into this (built, not started) machine; returns refused MSRs per vCPU."""

@@ -85,7 +85,7 @@ def restored(guest_artifacts, tmp_path_factory) -> Restored:
                            disks=[DiskConfig(image, read_only=True)])
     with MicroVM(config) as vm:
         vm.start()
-        boot_tap = next(d.owner.name for d in vm.machine.config.devices if hasattr(d, "owner"))
+        boot_tap = next(s.device.owner.name for s in vm.machine.virtio.slots if hasattr(s.device, "owner"))
         vm.expect("# ", BOOT_TIMEOUT)
         boot = time.monotonic() - t0
         vm.sendline(COUNTER)
@@ -167,7 +167,7 @@ def test_snapshot_records_vcpu_vm_and_device_state(restored):
     assert len(vcpu["msrs"]) > 10
     assert set(state["vm"]["irqchip"]) == {"pic_master", "pic_slave", "ioapic"}
     assert any(k.startswith("pio:0x3f8") for k in state["devices"])
-    assert state["kvmpy"]["syscall_trap"] is None or state["kvmpy"]["syscall_trap"]["guest_lstar"]
+    assert state["syscall_trap"] is None or state["syscall_trap"]["guest_lstar"]
 
 
 def test_restored_guest_answers_ping_on_its_new_tap(restored):

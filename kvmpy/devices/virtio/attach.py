@@ -117,7 +117,7 @@ class VirtioSlot:
             self.claimed.discard(index)
             _serve_notifies(self.iothread, self.transport, index, self.notify_fds[index])
 
-    def _drop_notify_fds(self, vm: Any, deassign: bool) -> None:
+    def drop_notify_fds(self, vm: Any, deassign: bool) -> None:
         for i, fd in enumerate(self.notify_fds):
             self.iothread.remove(fd)
             if deassign:
@@ -155,7 +155,7 @@ class VirtioDevices:
             elif not ioeventfd and s.notify_fds:
                 # A back end holding a claimed ioeventfd keeps its duplicate; the notifies
                 # now reach it through process_queue.
-                s._drop_notify_fds(self.vm, deassign=True)
+                s.drop_notify_fds(self.vm, deassign=True)
                 for i in range(len(s.transport.queues)):
                     s.transport.notify(i)  # a notify the I/O thread had not read yet must not be lost
             if irqfd != isinstance(s.interrupt, IrqfdInterrupt):
@@ -182,7 +182,7 @@ class VirtioDevices:
         """Unwire and close every device (call after the vCPUs stopped)."""
         vm_open = getattr(self.vm, "fd", -1) >= 0
         for s in self.slots:
-            s._drop_notify_fds(self.vm, deassign=vm_open)
+            s.drop_notify_fds(self.vm, deassign=vm_open)
             with s.transport.lock:
                 s.transport.reset()
                 s.device.close()
