@@ -40,11 +40,14 @@ once; `restore_machine` can then clone from it many times.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
 import mmap
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,10 +92,38 @@ class SnapshotData:
     meta: dict = field(default_factory=dict)
 
     def write(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the snapshot files, the manifest last (a directory without one is no snapshot)."""
+        """Write the snapshot atomically: all of it appears at `directory`, or nothing changes there.
+
+        The files go into a sibling temporary directory, each fsynced, the
+        manifest last; then one rename publishes it (renameat2 RENAME_EXCHANGE
+        swaps it with a snapshot already there, which is then removed). A
+        process killed at any point leaves the previous snapshot whole and a
+        partial directory without a manifest, which `Snapshot.open` refuses.
+        """
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / MANIFEST).unlink(missing_ok=True)
+        existing = d.exists()
+        if existing and not (d.is_dir() and (not any(d.iterdir()) or (d / MANIFEST).exists())):
+            raise SnapshotError(f"{d}: exists and is not a kvmpy snapshot; choose a new or empty directory")
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.partial-", dir=d.parent))
+        try:
+            self._write_files(tmp)
+            if existing:
+                _exchange(tmp, d)  # tmp now holds the previous snapshot
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, d)
+            _fsync_dir(d.parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = "the previous snapshot there is intact" if existing else "nothing was written there"
+            raise SnapshotError(f"{d}: cannot write the snapshot ({e.strerror or e}); {kept}") from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return d
+
+    def _write_files(self, d: Path) -> None:
         layout = []
         offset = 0
         h = hashlib.sha256()
@@ -108,20 +139,47 @@ class SnapshotData:
                     h.update(part)
                 layout.append({"gpa": gpa, "size": size, "offset": offset})
                 offset += size
+            f.flush()
+            os.fsync(f.fileno())
         files = {MEMORY_FILE: {"size": offset, "sha256": h.hexdigest()}}
         for name, data in ((STATE_FILE, json.dumps(self.state, sort_keys=True).encode()),
                            (CONSOLE_FILE, bytes(self.console))):
-            (d / name).write_bytes(data)
+            _write_synced(d / name, data)
             files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "kvmpy_version": __version__,
             "created": time.time(), "struct_sizes": struct_sizes(), "config": self.config,
             "memory": layout, "files": files, "meta": self.meta,
         }
-        tmp = d / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        tmp.replace(d / MANIFEST)
-        return d
+        _write_synced(d / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        _fsync_dir(d)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # <linux/fs.h>
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two directories atomically (renameat2(2) RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"renameat2 RENAME_EXCHANGE: {os.strerror(err)}", str(b))
 
 
 @dataclass
@@ -218,10 +276,10 @@ def take_snapshot(machine: Machine, directory: str | os.PathLike[str], *, meta: 
         virtio = machine.virtio.snapshot_configs() if machine.virtio is not None else []
     except SnapshotRefused as e:  # first: a device that cannot be recreated refuses here
         raise SnapshotError(f"cannot snapshot: {e}") from None
-    config = machine.config.to_dict()
-    config["virtio"] = virtio
     with machine.quiesced():  # the state and memory.bin must be of one instant
-        state = machine.snapshot_state()
+        state = machine.snapshot_state()  # refuses what a restore could not rebuild
+        config = machine.config.to_dict()
+        config["virtio"] = virtio
         data = SnapshotData(config, [(r.gpa, r.mapping) for r in machine.memory], state.to_dict(),
                             machine.console.contents(), dict(meta or {}))
         return data.write(directory)

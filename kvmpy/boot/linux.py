@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -135,6 +135,7 @@ class KernelInfo:
     init_size: int | None = None
     elf_class: int | None = None
     entry_point: int | None = None
+    data: bytes = field(default=b"", repr=False, compare=False)  # the file as read, for the loader
 
 
 # -- ELF -----------------------------------------------------------------------
@@ -318,7 +319,7 @@ def read_hvm_start_info(mem: GuestMemory, gpa: int = PVH_START_INFO_ADDR) -> Hvm
 
 # -- the loaders -------------------------------------------------------------------
 
-def load_linux(mem: GuestMemory, kernel: Path | str, *, initrd: Path | str | None = None,
+def load_linux(mem: GuestMemory, kernel: Path | str | KernelInfo, *, initrd: Path | str | None = None,
                cmdline: str = "", entry: Literal["auto", "linux64", "pvh"] = "auto",
                reserved: Iterable[tuple[int, int]] = ()) -> BootEntry:
     """Load a bzImage or ELF vmlinux (and an initrd) into `mem`; return how to start it.
@@ -329,8 +330,11 @@ def load_linux(mem: GuestMemory, kernel: Path | str, *, initrd: Path | str | Non
     """
     if entry not in ("auto", "linux64", "pvh"):
         raise BootError(f"unknown Linux entry {entry!r}; use 'auto', 'linux64' or 'pvh'")
-    kernel = Path(kernel)
-    data = memoryview(_read(kernel, "kernel"))
+    if isinstance(kernel, KernelInfo):  # identified already (`kernel_info`): not read again
+        kernel, data = kernel.path, memoryview(kernel.data)
+    else:
+        kernel = Path(kernel)
+        data = memoryview(_read(kernel, "kernel"))
     e820 = _prepare(mem, reserved)
     initrd_path = Path(initrd) if initrd is not None else None
     initrd_size = _file_size(initrd_path, "initrd") if initrd_path is not None else 0
@@ -524,7 +528,8 @@ def kernel_info(path: Path | str) -> KernelInfo:
     """
 
     path = Path(path)
-    data = memoryview(_read(path, "kernel"))
+    raw = _read(path, "kernel")
+    data = memoryview(raw)
     if bytes(data[:4]) == ELF_MAGIC:
         image = parse_elf(data, str(path))
         if image.elf_class == ELFCLASS64 and image.machine == EM_X86_64:
@@ -534,11 +539,11 @@ def kernel_info(path: Path | str) -> KernelInfo:
             if find_multiboot_header(data) is not None:
                 entries.append("multiboot")
             return KernelInfo(path, "vmlinux", len(data), tuple(entries), elf_class=64,
-                              entry_point=_physical_entry(image, str(path)))
+                              entry_point=_physical_entry(image, str(path)), data=raw)
         if find_multiboot_header(data) is not None:
             return KernelInfo(path, "multiboot", len(data), ("multiboot",),
                               elf_class=32 if image.elf_class == ELFCLASS32 else 64,
-                              entry_point=image.entry)
+                              entry_point=image.entry, data=raw)
         raise BootError(
             f"{path}: ELF class {image.elf_class}, machine {image.machine}: neither an x86-64 "
             "vmlinux nor a multiboot kernel")
@@ -549,10 +554,10 @@ def kernel_info(path: Path | str) -> KernelInfo:
             path, "bzImage", len(data), ("linux64",),
             protocol=f"{h.version >> 8}.{h.version & 0xff:02d}",
             version=_kernel_version_string(data, h), relocatable=bool(h.relocatable_kernel),
-            pref_address=h.pref_address, init_size=h.init_size)
+            pref_address=h.pref_address, init_size=h.init_size, data=raw)
     mb = find_multiboot_header(data)
     if mb is not None:
-        return KernelInfo(path, "multiboot", len(data), ("multiboot",), entry_point=mb.entry_addr)
+        return KernelInfo(path, "multiboot", len(data), ("multiboot",), entry_point=mb.entry_addr, data=raw)
     raise BootError(
         f"{path}: not a kernel image kvmpy knows (ELF, bzImage or multiboot); "
         f"the first bytes are {bytes(data[:8]).hex(' ')}")

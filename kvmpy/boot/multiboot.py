@@ -132,18 +132,20 @@ class Module:
 def load_multiboot(mem: GuestMemory, kernel: Path | str, *, cmdline: str = "",
                    modules: Sequence[tuple[Path | str, str]] = (),
                    reserved: Iterable[tuple[int, int]] = (),
-                   cmdline_progname: bool = True) -> BootEntry:
+                   cmdline_progname: bool = True, data: bytes | None = None) -> BootEntry:
     """Load a multiboot v1 kernel and its modules into `mem`; return how to start it.
 
     modules: (path, string) pairs, placed page aligned after the kernel in this
     order. With `cmdline_progname` the command line starts with the kernel's
     path, as GRUB and QEMU pass it (kvm-unit-tests take it as argv[0]).
+    `data`: the file's bytes when the caller has read them already.
     """
     kernel = Path(kernel)
     try:
-        data = memoryview(kernel.read_bytes())
+        view = memoryview(data if data is not None else kernel.read_bytes())
     except OSError as e:
         raise BootError(f"kernel {kernel}: cannot read: {e.strerror}") from e
+    data = view
     header, bad = _scan(data)
     if header is None:
         if bad is not None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .._kvm import lib
 from ..assists import Assists
-from ..boot.linux import kernel_info, load_linux
+from ..boot.linux import KernelInfo, kernel_info, load_linux
 from ..boot.multiboot import load_multiboot
 from ..bus import mmio_bus, pio_bus
 from ..devices.fw_cfg import FW_CFG_PORT_SEL, FW_CFG_PORTS, FwCfg
@@ -53,8 +53,8 @@ from ..stats.accounting import ExitAccounting
 from ..x86 import acpi, firmware, modes, syscall_trap
 from ..x86.cpuid import vcpu_cpuid
 from ..x86.mptable import write_mptable
-from ..x86.msr_filter import MsrFilter, fault_absent_feature_msrs
-from .config import MAX_CMDLINE, DiskConfig, MachineConfig, NetConfig, VsockConfig, as_disk, as_net, as_vsock
+from ..x86.msr_filter import FEATURE_MSRS, MsrFilter, fault_absent_feature_msrs, fault_feature_msrs
+from .config import MAX_CMDLINE, DiskConfig, MachineConfig, NetConfig, VsockConfig, as_disk, as_module, as_net, as_vsock
 from .machine import ConsoleLog, Ending, Machine, Outcome, Status
 from .state import MachineState
 
@@ -100,7 +100,7 @@ def build(config: MachineConfig, *, console: Console | None = None, kvm: Kvm | N
         raise
     machine = _assemble(config, quirks, multiboot, memory, made, console, kvm)
     try:
-        _boot(machine, config, quirks)
+        _boot(machine, config, quirks, info)
     except BaseException:
         machine.close()
         raise
@@ -118,7 +118,10 @@ def restore(config: MachineConfig, state: MachineState, memory: GuestMemory, *, 
     """
     quirks = resolve_quirks(config.quirks)
     multiboot = config.entry == "multiboot"
-    machine = _assemble(config, quirks, multiboot, memory, list(devices), console, kvm)
+    # The MSRs the saved guest saw fault must fault again (on PVM the CPUID they are derived
+    # from is read back from KVM, which does not always answer the same).
+    saved_msrs = [i for i in state.msr_filter.get("msrs", []) if i in FEATURE_MSRS]
+    machine = _assemble(config, quirks, multiboot, memory, list(devices), console, kvm, feature_msrs=saved_msrs)
     try:
         refused = machine.restore_state(state, console_log)
     except BaseException:
@@ -191,7 +194,8 @@ def device_configs(devices: Iterable[VirtioDevice]) -> dict[str, Any]:
 
 
 def _assemble(config: MachineConfig, quirks: Quirks, multiboot: bool, memory: GuestMemory,
-              devices: list[VirtioDevice], console_sink: Console | None, kvm: Kvm | None) -> Machine:
+              devices: list[VirtioDevice], console_sink: Console | None, kvm: Kvm | None, *,
+              feature_msrs: list[int] | None = None) -> Machine:
     """Steps 3 and 4: the VM, its buses and devices, the vCPUs and what handles their exits."""
     own_kvm = kvm is None
     iothread: IoThread | None = None
@@ -247,7 +251,9 @@ def _assemble(config: MachineConfig, quirks: Quirks, multiboot: bool, memory: Gu
         if quirks.syscall_trap and not multiboot:  # built around Linux's GDT and page tables
             trap = syscall_trap.SyscallTrap(vm, memory, msr_filter)
         faulted: list[int] = []
-        if quirks.feature_msr_faults:
+        if feature_msrs is not None:  # restoring: exactly what the saved machine faulted
+            faulted = fault_feature_msrs(msr_filter, feature_msrs)
+        elif quirks.feature_msr_faults:
             faulted = fault_absent_feature_msrs(msr_filter, vcpus[0].get_cpuid2())
         msr_filter.install()
         for loop in loops:
@@ -330,20 +336,20 @@ def kernel_cmdline(config: MachineConfig, quirks: Quirks, *, tsc_khz: int | None
     return cmdline
 
 
-def _boot(machine: Machine, config: MachineConfig, quirks: Quirks) -> None:
+def _boot(machine: Machine, config: MachineConfig, quirks: Quirks, kernel: KernelInfo) -> None:
     """Steps 5 and 6: the command line, the kernel, the tables, the boot vCPU."""
     memory = machine.memory
     reserved = syscall_trap.RESERVED if machine.syscall_trap is not None else ()
     if machine.multiboot:
         machine.cmdline = config.cmdline
-        boot = load_multiboot(memory, config.kernel, cmdline=config.cmdline,  # type: ignore[arg-type]
-                              modules=[(m.path, m.string) for m in config.modules],  # type: ignore[union-attr]
+        boot = load_multiboot(memory, kernel.path, cmdline=config.cmdline, data=kernel.data,
+                              modules=[(m.path, m.string) for m in map(as_module, config.modules)],
                               reserved=reserved)
     else:
         virtio = machine.virtio.cmdline if machine.virtio is not None else []
         tsc_khz = machine.vcpus[0].get_tsc_khz() if quirks.tsc_khz_on_cmdline else None
         machine.cmdline = kernel_cmdline(config, quirks, tsc_khz=tsc_khz, virtio=virtio)
-        boot = load_linux(memory, config.kernel, initrd=config.initrd,  # type: ignore[arg-type]
+        boot = load_linux(memory, kernel, initrd=config.initrd,  # type: ignore[arg-type]
                           cmdline=machine.cmdline, entry=config.entry, reserved=reserved)  # type: ignore[arg-type]
     machine.boot = boot
     write_mptable(memory, config.vcpus)

@@ -120,11 +120,17 @@ def _fault(vcpu: Any, exit: MsrExit) -> None:
 
 def fault_absent_feature_msrs(msr_filter: MsrFilter, cpuid: Iterable[Any]) -> list[int]:
     """Make every access to the feature MSRs that `cpuid` lacks raise #GP; returns them."""
-    absent = absent_feature_msrs(cpuid)
-    for index in absent:
+    return fault_feature_msrs(msr_filter, absent_feature_msrs(cpuid))
+
+
+def fault_feature_msrs(msr_filter: MsrFilter, indices: Iterable[int]) -> list[int]:
+    """Make every access to these MSRs raise #GP (a restored machine: the set its guest saw)."""
+    done = []
+    for index in indices:
         msr_filter.intercept(index, _fault, _fault)
-    return absent
+        done.append(index)
+    return done
 
 
 __all__ = ["FEATURE_MSRS", "MSR_IA32_FLUSH_CMD", "MSR_IA32_PRED_CMD", "MSR_IA32_SPEC_CTRL", "MsrFilter",
-           "absent_feature_msrs", "fault_absent_feature_msrs"]
+           "absent_feature_msrs", "fault_absent_feature_msrs", "fault_feature_msrs"]

@@ -178,3 +178,87 @@ def test_memory_file_maps_private(tmp_path):
     finally:
         mem.close()
     assert mmap.MAP_PRIVATE
+
+
+# -- atomic writes ------------------------------------------------------------------------
+
+def test_a_new_snapshot_replaces_the_old_one_whole(tmp_path):
+    _data().write(tmp_path / "s")
+    newer = _data()
+    newer.console = b"newer console\n"
+    newer.write(tmp_path / "s")
+    assert Snapshot.open(tmp_path / "s").console == b"newer console\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no partial or old directory left
+
+
+def test_a_directory_that_is_not_a_snapshot_is_not_overwritten(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(SnapshotError, match="not a kvmpy snapshot"):
+        _data().write(tmp_path / "photos")
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_snapshot_format import _data
+import kvmpy.snapshot as s
+
+s._CHUNK = 4096  # many chunks, so the kill lands in the middle of memory.bin
+real = s.hashlib.sha256
+class Killer:
+    def __init__(self, *a):
+        self.h, self.n = real(*a), 0
+    def update(self, b):
+        self.n += 1
+        if self.n == 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.h.update(b)
+    def hexdigest(self):
+        return self.h.hexdigest()
+s.hashlib = type("H", (), {{"sha256": Killer}})
+d = _data()
+d.console = b"the second snapshot\\n"
+d.write({target!r})
+"""
+
+
+def test_a_vmm_killed_mid_write_leaves_the_previous_snapshot_intact(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tmp_path / "s"
+    _data().write(target)
+    tests = str(Path(__file__).resolve().parent)
+    p = subprocess.run([sys.executable, "-c", KILL_MID_WRITE.format(tests=tests, target=str(target))],
+                       capture_output=True, timeout=60)
+    assert p.returncode == -9, p.stderr.decode()
+    snap = Snapshot.open(target)  # the previous one, verified whole
+    assert snap.console == b"console text\n"
+    partial = [q for q in tmp_path.iterdir() if q.name.startswith(".s.partial-")]
+    assert partial and (partial[0] / "memory.bin").exists()  # the kill really was mid-write
+    with pytest.raises(SnapshotCorruptError, match="no manifest.json"):
+        Snapshot.open(partial[0])
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_snapshot(tmp_path):
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        small = SnapshotData({}, [(0, bytes(96 * PAGE))], {}, b"first\n")
+        small.write(mnt / "s")  # 384 KiB: fits once, not twice
+        with pytest.raises(SnapshotError, match=r"No space left on device.*previous snapshot there is intact"):
+            SnapshotData({}, [(0, bytes(96 * PAGE))], {}, b"second\n").write(mnt / "s")
+        assert Snapshot.open(mnt / "s").console == b"first\n"
+        assert sorted(p.name for p in mnt.iterdir()) == ["s"]
+    finally:
+        subprocess.run(["umount", str(mnt)])
