@@ -9,6 +9,11 @@ exit that ended it.
 Defaults: INTR (a kick) ends the loop only when `stop()` was called; an
 emulation failure goes to `Assists`; HLT, SHUTDOWN, FAIL_ENTRY,
 SYSTEM_EVENT, DEBUG and anything else end the loop.
+
+A handler (or an `Assists` hook) that consumed an exit may name what it did
+with it in `exit.handled_as`; the loop then books the exit under that name
+(`ExitAccounting.book_as`), so that `kvmpy stat` shows "syscall trap" rather
+than KVM's INTERNAL_ERROR.
 """
 
 from __future__ import annotations
@@ -109,11 +114,16 @@ class VcpuLoop:
             exit = vcpu.decode_exit()
             handler = self.handlers.get(reason)
             if handler is not None:
-                if handler(exit):
+                keep_running = handler(exit)
+                if exit.handled_as is not None:
+                    acct.book_as(exit.handled_as)
+                if keep_running:
                     continue
                 return exit
             if reason == _INTERNAL:
                 self.assists.handle(vcpu, exit)  # completes the instruction or raises GuestError
                 acct.assists += 1
+                if exit.handled_as is not None:
+                    acct.book_as(exit.handled_as)
                 continue
             return exit
