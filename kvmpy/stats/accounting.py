@@ -88,6 +88,8 @@ class ExitAccounting:
         self._mmio: dict[int, int] = {}
         self._label_row: dict[tuple[int, str], int] = {}  # (KVM reason, label) -> row
         self._row_label: dict[int, tuple[int, str]] = {}  # row -> (KVM reason, label)
+        self._by_label: dict[str, tuple[int, int]] = {}  # label -> (KVM reason, row) last booked: the fast path
+        self._guest_cells: Any = self.c.guest  # one cdata view, not one per access
 
     def bind(self, vcpu: Any) -> None:
         """Point the C struct at `vcpu` (its fd and kvm_run), before the loop's first KVM_RUN."""
@@ -163,20 +165,33 @@ class ExitAccounting:
         """
         c = self.c
         reason = c.last
-        if reason < 0 or reason >= LABEL_ROW0:
+        if not 0 <= reason < LABEL_ROW0:
             return  # no exit yet, or this exit is booked already
+        seen = self._by_label.get(label)
+        if seen is not None and seen[0] == reason:
+            row = seen[1]
+        else:
+            row = self._new_row(reason, label)
+            if row is None:
+                return
+        b = (c.t_leave - c.t_enter).bit_length()  # the bucket the C code booked this exit in
+        if b >= NBUCKETS:
+            b = NBUCKETS - 1
+        guest = self._guest_cells
+        guest[reason << _SHIFT | b] -= 1
+        guest[row << _SHIFT | b] += 1
+        c.last = row
+
+    def _new_row(self, reason: int, label: str) -> int | None:
         row = self._label_row.get((reason, label))
         if row is None:
             if len(self._label_row) >= LABEL_ROWS:
-                return
+                return None
             row = LABEL_ROW0 + len(self._label_row)
             self._label_row[reason, label] = row
             self._row_label[row] = (reason, label)
-        d = c.t_leave - c.t_enter
-        b = min(d.bit_length(), NBUCKETS - 1)  # the bucket the C code booked this exit in
-        c.guest[reason << _SHIFT | b] -= 1
-        c.guest[row << _SHIFT | b] += 1
-        c.last = row
+        self._by_label[label] = (reason, row)
+        return row
 
     # -- reading ------------------------------------------------------------------
 
@@ -317,6 +332,7 @@ class NullAccounting(ExitAccounting):
     def __init__(self, vcpu_id: int = 0) -> None:
         super().__init__(vcpu_id)
         self.c = None
+        self._guest_cells = None
 
     def count_io(self, port: int, direction: int) -> None:
         pass

@@ -304,7 +304,7 @@ def attach(loop: Any, *, every: int | None = None, symbols: SymbolTable | None =
     old = loop.accounting
     new = ProfiledAccounting(old.vcpu_id, profile)
     new.assists, new.started_ns, new._mmio = old.assists, old.started_ns, old._mmio
-    new._label_row, new._row_label = old._label_row, old._row_label
+    new._label_row, new._row_label, new._by_label = old._label_row, old._row_label, old._by_label
     if old.c is not None:
         ffi.memmove(new.c, old.c, ffi.sizeof("struct kvmpy_acct"))
     loop.accounting = new
