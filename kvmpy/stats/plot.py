@@ -50,12 +50,15 @@ def plot_series(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     - "guest_hist", "vmm_hist": log2-ns histograms of the exits in the window
     - "guest_hist_total", "vmm_hist_total": the same since the VM started (the last snapshot)
     - "window_s", "window_exits", "total_exits", "elapsed_s": the window, its exits, the VM's so far
+    - "kvm_window_exits": KVM's `exits` over the window (None if not served)
     """
     if len(samples) < 2:
         raise ValueError("a plot needs at least two snapshots (an interval)")
     t0 = samples[0]["monotonic_ns"]
     counts = [_reason_counts(s) for s in samples]
-    reasons = sorted({r for c in counts for r in c if c.get(r, 0) - counts[0].get(r, 0) > 0})
+    # Reasons that grew over the window. An exit a snapshot catches while its handler runs is
+    # still under KVM's reason and moves to its label a moment later: counts can step back by one.
+    reasons = sorted(r for r in counts[-1] if counts[-1][r] - counts[0].get(r, 0) > 0)
     kvm = [_kvm_exits(s) for s in samples]
     times, rates = [], {r: [] for r in reasons}
     kvm_rates: list[float] | None = [] if all(k is not None for k in kvm) else None
@@ -63,7 +66,7 @@ def plot_series(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         dt = (s_cur["monotonic_ns"] - s_prev["monotonic_ns"]) / 1e9
         times.append((s_cur["monotonic_ns"] - t0) / 1e9)
         for r in reasons:
-            rates[r].append((cur.get(r, 0) - prev.get(r, 0)) / dt if dt > 0 else 0.0)
+            rates[r].append(max(cur.get(r, 0) - prev.get(r, 0), 0) / dt if dt > 0 else 0.0)
         if kvm_rates is not None:
             kvm_rates.append((kvm[i + 1] - kvm[i]) / dt if dt > 0 else 0.0)  # type: ignore[operator]
     first, last = samples[0], samples[-1]
@@ -75,7 +78,8 @@ def plot_series(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "guest_hist_total": guest_total, "vmm_hist_total": vmm_total,
             "window_s": (last["monotonic_ns"] - t0) / 1e9,
             "window_exits": sum(counts[-1].values()) - sum(counts[0].values()),
-            "total_exits": sum(counts[-1].values()), "elapsed_s": _elapsed_s(last)}
+            "total_exits": sum(counts[-1].values()), "elapsed_s": _elapsed_s(last),
+            "kvm_window_exits": kvm[-1] - kvm[0] if kvm_rates is not None else None}  # type: ignore[operator]
 
 
 def _bucket_label(b: int) -> str:
@@ -94,8 +98,10 @@ def idle_note(series: dict[str, Any]) -> str | None:
         return None
     since = (f"{series['total_exits']:,} exits since the VM started" if series["total_exits"]
              else "no exit since the VM started")
+    in_kvm = series.get("kvm_window_exits")
+    kvm = f" (KVM handled {in_kvm:,} exits itself)" if in_kvm else ""
     return (f"no exit reached kvmpy in these {series['window_s']:.3g} s: the guest was idle "
-            f"(or ran without exiting)\n{since}; the histograms below show them")
+            f"or ran without exiting{kvm}\n{since}; the histograms below show them")
 
 
 def draw(series: dict[str, Any], path: str | Path) -> Any:
@@ -129,15 +135,21 @@ def draw(series: dict[str, Any], path: str | Path) -> Any:
                       f"({series['window_exits']:,} in {series['window_s']:.3g} s)")
     rate_ax.set_xlabel("time (s)")
     rate_ax.set_ylabel("exits/s")
+    if note is None:
+        # Bursts (a boot's port I/O: thousands/s) and steady rates (syscalls: tens/s) in one picture.
+        rate_ax.set_yscale("symlog", linthresh=10)
+        rate_ax.set_ylabel("exits/s (log scale above 10)")
     handles, labels = rate_ax.get_legend_handles_labels()
     if series.get("kvm_rates") is not None:
         kvm_ax = rate_ax.twinx()
         (line,) = kvm_ax.plot(times, series["kvm_rates"], color="0.6", linestyle="--",
                               label="all exits KVM counted (KVM `exits`, right axis)")
+        if note is None:
+            kvm_ax.set_yscale("symlog", linthresh=10)
         kvm_ax.set_ylabel("KVM exits/s")
         kvm_ax.set_ylim(bottom=0)
         handles, labels = handles + [line], labels + [line.get_label()]
-    rate_ax.legend(handles, labels, loc="upper left", fontsize="small")
+    rate_ax.legend(handles, labels, loc="upper right", fontsize="small")
     rate_ax.grid(True, alpha=0.3)
 
     g_total, v_total = series["guest_hist_total"], series["vmm_hist_total"]

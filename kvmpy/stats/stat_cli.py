@@ -125,7 +125,8 @@ def rows(snap: dict[str, Any], view: str, prev: dict[str, Any] | None = None) ->
     dt = (cur["t"] - before["t"]) if before is not None else cur["elapsed_s"]
 
     def rate(now: int, then: int) -> float:
-        return (now - then) / dt if dt > 0 else 0.0
+        # max: an exit caught mid-handling moves from KVM's reason to its label by the next snapshot
+        return max(now - then, 0) / dt if dt > 0 else 0.0
 
     out: list[dict[str, Any]] = []
     if view == "reasons":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmpy.stats.accounting import NBUCKETS
-from kvmpy.stats.plot import draw, plot_series
+from kvmpy.stats.plot import draw, idle_note, plot_series
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -94,8 +94,17 @@ def test_kvms_own_exit_counter_is_drawn_on_a_second_axis(tmp_path):
                snapshot(3.0, {"IO": 10}, kvm_exits=2400)]
     series = plot_series(samples)
     assert series["kvm_rates"] == [400.0, 500.0]
+    assert "KVM handled 1,400 exits itself" in idle_note(series)
     fig = draw(series, tmp_path / "kvm.png")
     kvm_ax = fig.axes[2]
     (line,) = kvm_ax.get_lines()
     assert list(line.get_ydata()) == [400.0, 500.0]
     assert "KVM" in kvm_ax.get_ylabel()
+
+
+def test_an_exit_caught_before_its_handler_named_it_is_no_series_and_no_negative_rate():
+    # At 1 s the snapshot caught a syscall trap still under KVM's reason; by 2 s it had its label.
+    samples = [snapshot(0.0, {"syscall trap": 10}), snapshot(1.0, {"syscall trap": 10, "INTERNAL_ERROR": 1}),
+               snapshot(2.0, {"syscall trap": 12, "INTERNAL_ERROR": 0})]
+    s = plot_series(samples)
+    assert s["rates"] == {"syscall trap": [0.0, 2.0]}
