@@ -10,9 +10,9 @@ Each VM process serves snapshots on its control socket (kvmpy.stats.control);
 this command only reads them. Rates are per second over the refresh
 interval (over the VM's whole run with --once). Exits that kvmpy consumed
 are named by what it did with them ("syscall trap", "completion of int3":
-both KVM_EXIT_INTERNAL_ERROR to KVM); the `kvm_reason` column keeps KVM's. When debugfs exposes KVM
-(/sys/kernel/debug/kvm), the `kvm` view also lists the host-wide per-VM
-kernel counters, VMs of other programs included.
+both KVM_EXIT_INTERNAL_ERROR to KVM); the `kvm_reason` column keeps KVM's.
+When debugfs exposes KVM (/sys/kernel/debug/kvm), the `kvm` view also lists
+the host-wide per-VM kernel counters, VMs of other programs included.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ EPILOG = """\
 keys in the live view: 1-5 or v (Tab) choose the view, s the sort order,
 q quits.
 
-views: reasons (exits by KVM exit reason, VMM time per exit), ports (port I/O
-by port, direction and device), mmio (MMIO by page and device), sites (guest
-functions causing exits, when the VM profiles its exits), kvm (KVM's own
-vCPU and VM counters; host-wide per-VM debugfs counters when available).
+views: reasons (exits by what kvmpy did with them, else by KVM exit reason;
+VMM time per exit), ports (port I/O by port, direction and device), mmio
+(MMIO by page and device), sites (guest functions causing exits, when the
+VM profiles its exits), kvm (KVM's own vCPU and VM counters; host-wide
+per-VM debugfs counters when available).
 """
 
 
