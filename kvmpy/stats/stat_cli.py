@@ -22,10 +22,10 @@ import csv
 import io
 import json
 import os
-from select import select as wait_readable
 import sys
 import time
 from pathlib import Path
+from select import select as wait_readable
 from typing import Any, Iterable
 
 from ..errors import KvmError
@@ -391,7 +391,8 @@ def _live(console: Any, clients: dict[Path, ControlClient], sockets: list[Socket
                 if "q" in typed or "Q" in typed:
                     return 0
                 if typed:
-                    if any([apply_key(args, k) for k in typed]):
+                    changed = [apply_key(args, k) for k in typed]  # every key, not up to the first change
+                    if any(changed):
                         live.update(screen(), refresh=True)
                     continue
                 next_poll = time.monotonic() + max(args.interval, 0.1)

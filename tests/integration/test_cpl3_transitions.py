@@ -276,7 +276,7 @@ def test_guest_debug_single_step_in_user_mode(guest):
 
 @pytest.mark.skipif(not PVM, reason="the syscall trap is only applied on the PVM backend")
 def test_syscall_traps_are_booked_as_syscall_trap_not_as_internal_errors(guest):
-    g, loop = _guest(guest, """
+    _, loop = _guest(guest, """
     mov $20, %r12
 1:  syscall
     dec %r12

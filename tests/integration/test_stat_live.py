@@ -49,7 +49,7 @@ class Tmux:
         # The pane's size is the terminal's: no COLUMNS/LINES of ours may override it.
         env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
         out = subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args], capture_output=True,
-                             text=True, timeout=30, env=env)
+                             text=True, timeout=30, env=env, check=False)
         if out.returncode:
             raise RuntimeError(f"tmux {args[0]}: {out.stderr.strip()}")
         return out.stdout
@@ -72,7 +72,7 @@ class Tmux:
             time.sleep(0.2)
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30, check=False)
 
 
 def exits_shown(screen: str) -> int | None:
@@ -152,4 +152,4 @@ def test_live_view_redraws_with_new_counts_sorts_switches_views_and_quits(live):
     done = live.wait_for("stat's exit", lambda s: "stat exited with" in s, timeout=30)
     assert "stat exited with 0" in done
     # The terminal is back in canonical mode (the live view's cbreak mode was undone).
-    assert re.search(r"^icanon$", done, re.M), done
+    assert re.search(r"^icanon$", done, re.MULTILINE), done
