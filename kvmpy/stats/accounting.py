@@ -200,11 +200,6 @@ class ExitAccounting:
         entry = self._row_label.get(row)
         return entry[0] if entry is not None else row
 
-    def row_name(self, row: int) -> str:
-        """What the snapshot calls a row: its label, or the KVM reason's name."""
-        entry = self._row_label.get(row)
-        return entry[1] if entry is not None else reason_name(row)
-
     def _by_kvm_reason(self, sums: dict[int, int]) -> Counter[int]:
         out: Counter[int] = Counter()
         for row, n in sums.items():
@@ -220,8 +215,11 @@ class ExitAccounting:
     def handled(self) -> Counter[str]:
         """{label: count} of the exits a handler named (`book_as`)."""
         sums = _row_sums(self._guest[:])
-        return Counter({label: sums[row] for row, (_, label) in self._row_label.copy().items()
-                        if sums.get(row)})
+        out: Counter[str] = Counter()
+        for row, (_, label) in self._row_label.copy().items():
+            if sums.get(row):
+                out[label] += sums[row]
+        return out
 
     @property
     def total_exits(self) -> int:
@@ -294,7 +292,10 @@ class ExitAccounting:
         for r in sorted(set(counts) | set(vmm_rows)):
             code, label = labels.get(r, (r, None))
             kvm_name = reason_name(code)
-            reasons[label or kvm_name] = {
+            name = label or kvm_name
+            if name in reasons:  # one label used under two KVM reasons
+                name = f"{label} ({kvm_name})"
+            reasons[name] = {
                 "code": code, "kvm_reason": kvm_name, "handled_as": label,
                 "count": counts.get(r, 0), "vmm_ns": vmm_total[r],
                 "guest_hist": _hist(guest, r), "vmm_hist": _hist(vmm, r)}
