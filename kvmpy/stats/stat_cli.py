@@ -302,7 +302,10 @@ class _Keys:
     """Single keystrokes from the terminal on stdin (cbreak mode while open); inactive without one."""
 
     def __init__(self, stream: Any) -> None:
-        self.fd = stream.fileno() if hasattr(stream, "fileno") else -1
+        try:
+            self.fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # None, closed, or not a file (io.StringIO)
+            self.fd = -1
         self.active = self.fd >= 0 and os.isatty(self.fd)
         self._saved: Any = None
 
@@ -325,7 +328,7 @@ class _Keys:
     def read(self, timeout: float) -> str:
         """The keys typed within `timeout` seconds ("" if none): returns at the first keystroke."""
         if not self.active:
-            time.sleep(timeout)
+            time.sleep(max(timeout, 0.0))
             return ""
         ready, _, _ = wait_readable([self.fd], [], [], max(timeout, 0.0))
         if not ready:
@@ -383,7 +386,7 @@ def _live(console: Any, clients: dict[Path, ControlClient], sockets: list[Socket
 
     keys = _Keys(sys.stdin)
     try:
-        with keys, Live(screen(), console=console, auto_refresh=False, screen=keys.active,
+        with keys, Live(screen(), console=console, auto_refresh=False, screen=keys.active and console.is_terminal,
                         vertical_overflow="crop") as live:
             next_poll = time.monotonic() + max(args.interval, 0.1)
             while True:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,27 @@ def test_stat_names_exits_by_what_was_done_and_keeps_the_kvm_reason(served_named
     assert vcpu["reasons"]["demo pause"]["handled_as"] == "demo pause"
     assert vcpu["reasons"]["IO"]["count"] == 1  # the fields of before are all still there
     assert vcpu["kvm_reasons"] == {"HLT": 3, "IO": 1}
+
+
+def test_live_view_without_a_terminal_ends_when_its_vm_goes_away(outs_guest, tmp_path):
+    outs_guest.run()
+    stats = MachineStats(outs_guest)
+    server = ControlServer(stats, name="tiny", directory=tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    proc = subprocess.Popen([sys.executable, "-m", "kvmpy.stats.stat_cli", "--dir", str(tmp_path), "--interval",
+                             "0.1", str(os.getpid())], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # Let it redraw a few times (no keys without a terminal), then take the VM away.
+        while server.requests < 4 and proc.poll() is None:
+            time.sleep(0.05)
+        server.close()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stats.close()
+    assert proc.returncode == 0, err
+    assert server.requests >= 4
+    assert "no running kvmpy VM answered" in out
