@@ -44,6 +44,7 @@ class Tmux:
     def __init__(self, command: str) -> None:
         self.socket = f"kvmpy-test-{os.getpid()}-{id(self)}"
         self._tmux("new-session", "-d", "-s", "t", "-x", "150", "-y", "45", command)
+        self.path = Path(self._tmux("display-message", "-p", "#{socket_path}").strip())
 
     def _tmux(self, *args: str) -> str:
         # The pane's size is the terminal's: no COLUMNS/LINES of ours may override it.
@@ -73,6 +74,7 @@ class Tmux:
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30, check=False)
+        self.path.unlink(missing_ok=True)  # kill-server leaves the socket file
 
 
 def exits_shown(screen: str) -> int | None:
