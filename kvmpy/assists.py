@@ -34,6 +34,8 @@ What cannot be completed raises `GuestError` naming vCPU, RIP, CPU mode, the
 bytes and their disassembly: the VM stops with a reason, never hangs.
 `completed` counts completions by instruction, `faults` the faults injected,
 `seconds` the time spent per instruction (cost = seconds / completed).
+Each completed exit is named "completion of <mnemonic>" (`Exit.handled_as`)
+for the exit accounting.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ CR4_OSXSAVE = 1 << 18
 FSW_ES = 1 << 7
 
 _BITS = {"real": 16, "protected16": 16, "protected32": 32, "compat": 32, "long64": 64}
+
+
+def handled_as(mnemonic: str) -> str:
+    """What the exit accounting calls an emulation failure completed here ("completion of int3")."""
+    return f"completion of {mnemonic}"
 
 
 class CannotComplete(Exception):
@@ -532,6 +539,7 @@ class Assists:
             self.inject(vcpu, sregs, Fault(UD_VECTOR))
             self.faults["(invalid) #6"] += 1
             self.completed["(invalid)"] += 1
+            exit.handled_as = handled_as("(invalid)")
             return True
         if insn is None:
             raise fail("the instruction bytes could not be read")
@@ -557,6 +565,7 @@ class Assists:
             vcpu.inject_exception(DB_VECTOR)  # single-step trap after the completed instruction
         self.completed[name] += 1
         self.seconds[name] += time.perf_counter() - start
+        exit.handled_as = handled_as(name)
         return True
 
 

@@ -9,7 +9,7 @@ into the kvm_run page and a method that completes them.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._kvm import ffi, lib
@@ -41,9 +41,15 @@ class InternalError(enum.IntEnum):
 
 @dataclass(slots=True)
 class Exit:
-    """Base of all exit records; `reason` is the KVM_EXIT_* value."""
+    """Base of all exit records; `reason` is the KVM_EXIT_* value.
+
+    `handled_as` is set by the handler that consumed the exit when KVM's
+    reason does not say what it was ("syscall trap", "completion of int3"
+    for KVM_EXIT_INTERNAL_ERROR); the exit accounting books it so.
+    """
 
     reason: int
+    handled_as: str | None = field(default=None, kw_only=True)
 
     @property
     def name(self) -> str:

@@ -13,6 +13,11 @@ instruction completion and no statistics: whoever assembles the machine
 registers them (`Assists.attach(loop)` completes emulation failures,
 `MsrFilter.attach(loop)` answers MSR exits, an `ExitAccounting` passed as
 `accounting` counts and times every exit).
+
+A handler that consumed an exit may name what it did with it in
+`exit.handled_as`; the loop then books the exit under that name
+(`accounting.book_as`), so that `kvmpy stat` shows "syscall trap" rather
+than KVM's INTERNAL_ERROR.
 """
 
 from __future__ import annotations
@@ -132,6 +137,10 @@ class VcpuLoop:
                 continue
             exit = vcpu.decode_exit()
             handler = self.handlers.get(reason)
-            if handler is not None and handler(exit):
-                continue
+            if handler is not None:
+                keep_running = handler(exit)
+                if exit.handled_as is not None and acct is not None:
+                    acct.book_as(exit.handled_as)
+                if keep_running:
+                    continue
             return exit

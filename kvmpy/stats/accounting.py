@@ -22,6 +22,14 @@ from another thread if need be: a snapshot is consistent to within an
 exit. The time between one `VcpuLoop.run()` returning and the next
 starting counts as VMM time of the exit that ended the first.
 `NullAccounting` turns all of it off (for measuring what it costs).
+
+Exits are booked by what kvmpy did with them, not only by KVM's reason:
+a handler that consumed an exit names it (`Exit.handled_as`, e.g.
+"syscall trap", "completion of int3": both arrive as KVM_EXIT_INTERNAL_ERROR)
+and the loop calls `book_as(label)`, which moves the exit, and the VMM
+time that follows it, from its KVM reason's row to a row of its own. The
+raw KVM reason stays known for every row (`kvm_reason` in the snapshot,
+`exits` still counts by KVM reason).
 """
 
 from __future__ import annotations
@@ -40,6 +48,10 @@ _DIR_SHIFT = 16  # io key = port | direction << 16 (no tuple per exit)
 
 IO_IN, IO_OUT = 0, 1  # KVM_EXIT_IO_IN / _OUT
 _PORT_SLOTS = lib.KVMPY_ACCT_PORT_SLOTS
+# Rows of the C tables past every KVM_EXIT_* value hold exits booked under a
+# label (`book_as`); the C code clamps unknown reasons to the last row.
+LABEL_ROW0 = max(48, max(ExitReason) + 1)
+LABEL_ROWS = MAX_REASONS - 1 - LABEL_ROW0
 
 
 def reason_name(reason: int) -> str:
@@ -74,6 +86,10 @@ class ExitAccounting:
         self.c.last = -1
         self.c.fd = -1
         self._mmio: dict[int, int] = {}
+        self._label_row: dict[tuple[int, str], int] = {}  # (KVM reason, label) -> row
+        self._row_label: dict[int, tuple[int, str]] = {}  # row -> (KVM reason, label)
+        self._by_label: dict[str, tuple[int, int]] = {}  # label -> (KVM reason, row) last booked: the fast path
+        self._guest_cells: Any = self.c.guest  # one cdata view, not one per access
 
     def bind(self, vcpu: Any) -> None:
         """Point the C struct at `vcpu` (its fd and kvm_run), before the loop's first KVM_RUN."""
@@ -137,12 +153,73 @@ class ExitAccounting:
         except KeyError:
             self._mmio[addr] = 1
 
+    def book_as(self, label: str) -> None:
+        """Book the latest exit (and the VMM time until the next KVM_RUN) under `label`.
+
+        Called by the loop when the handler that consumed the exit named it
+        (`Exit.handled_as`). Once per exit: the exit moves from its KVM
+        reason's row to the label's row in the guest-time table, and the C
+        code charges the VMM time that follows to the row in `last`. A vCPU
+        has LABEL_ROWS label rows; exits of further labels stay under their
+        KVM reason.
+        """
+        c = self.c
+        reason = c.last
+        if not 0 <= reason < LABEL_ROW0:
+            return  # no exit yet, or this exit is booked already
+        seen = self._by_label.get(label)
+        if seen is not None and seen[0] == reason:
+            row = seen[1]
+        else:
+            row = self._new_row(reason, label)
+            if row is None:
+                return
+        b = (c.t_leave - c.t_enter).bit_length()  # the bucket the C code booked this exit in
+        if b >= NBUCKETS:
+            b = NBUCKETS - 1
+        guest = self._guest_cells
+        guest[reason << _SHIFT | b] -= 1
+        guest[row << _SHIFT | b] += 1
+        c.last = row
+
+    def _new_row(self, reason: int, label: str) -> int | None:
+        row = self._label_row.get((reason, label))
+        if row is None:
+            if len(self._label_row) >= LABEL_ROWS:
+                return None
+            row = LABEL_ROW0 + len(self._label_row)
+            self._label_row[reason, label] = row
+            self._row_label[row] = (reason, label)
+        self._by_label[label] = (reason, row)
+        return row
+
     # -- reading ------------------------------------------------------------------
+
+    def kvm_reason(self, row: int) -> int:
+        """The KVM_EXIT_* value of a table row (a label row's exits all had one reason)."""
+        entry = self._row_label.get(row)
+        return entry[0] if entry is not None else row
+
+    def _by_kvm_reason(self, sums: dict[int, int]) -> Counter[int]:
+        out: Counter[int] = Counter()
+        for row, n in sums.items():
+            out[self.kvm_reason(row)] += n
+        return out
 
     @property
     def exits(self) -> Counter[int]:
         """{KVM_EXIT_* value: count} of the exits so far (reasons never seen are absent)."""
-        return Counter(_row_sums(self._guest[:]))
+        return self._by_kvm_reason(_row_sums(self._guest[:]))
+
+    @property
+    def handled(self) -> Counter[str]:
+        """{label: count} of the exits a handler named (`book_as`)."""
+        sums = _row_sums(self._guest[:])
+        out: Counter[str] = Counter()
+        for row, (_, label) in self._row_label.copy().items():
+            if sums.get(row):
+                out[label] += sums[row]
+        return out
 
     @property
     def total_exits(self) -> int:
@@ -161,7 +238,7 @@ class ExitAccounting:
     @property
     def vmm_ns_by_reason(self) -> Counter[int]:
         """{reason: nanoseconds the VMM spent handling exits of that reason}."""
-        return Counter({r: ns for r, ns in enumerate(self._vmm_total[:]) if ns})
+        return self._by_kvm_reason({r: ns for r, ns in enumerate(self._vmm_total[:]) if ns})
 
     @property
     def vmm_ns_total(self) -> int:
@@ -179,13 +256,22 @@ class ExitAccounting:
         """Nanoseconds inside KVM_RUN (completed runs)."""
         return max(self.elapsed_ns - self.vmm_ns_total, 0)
 
+    def _rows_of(self, reason: int) -> list[int]:
+        return [reason] + [row for row, (r, _) in self._row_label.copy().items() if r == reason]
+
     def guest_hist(self, reason: int | None = None) -> list[int]:
-        """Log2 histogram (NBUCKETS counts) of guest time before exits (of `reason`, or all)."""
-        return _hist(self._guest[:], reason)
+        """Log2 histogram (NBUCKETS counts) of guest time before exits (of KVM `reason`, or all)."""
+        table = self._guest[:]
+        if reason is None:
+            return _hist(table, None)
+        return _sum_hists(table, self._rows_of(reason))
 
     def vmm_hist(self, reason: int | None = None) -> list[int]:
-        """Log2 histogram of VMM handling time per exit (of `reason`, or all)."""
-        return _hist(self._vmm[:], reason)
+        """Log2 histogram of VMM handling time per exit (of KVM `reason`, or all)."""
+        table = self._vmm[:]
+        if reason is None:
+            return _hist(table, None)
+        return _sum_hists(table, self._rows_of(reason))
 
     def snapshot(self, pio: Any = None, mmio: Any = None) -> dict[str, Any]:
         """Everything as plain JSON-ready data.
@@ -200,11 +286,21 @@ class ExitAccounting:
         counts = _row_sums(guest)
         vmm_rows = _row_sums(vmm)
         vmm_sum = sum(vmm_total)
+        labels = self._row_label.copy()
         reasons = {}
+        kvm_reasons: dict[str, int] = {}
         for r in sorted(set(counts) | set(vmm_rows)):
-            reasons[reason_name(r)] = {
-                "code": r, "count": counts.get(r, 0), "vmm_ns": vmm_total[r],
+            code, label = labels.get(r, (r, None))
+            kvm_name = reason_name(code)
+            name = label or kvm_name
+            if name in reasons:  # one label used under two KVM reasons
+                name = f"{label} ({kvm_name})"
+            reasons[name] = {
+                "code": code, "kvm_reason": kvm_name, "handled_as": label,
+                "count": counts.get(r, 0), "vmm_ns": vmm_total[r],
                 "guest_hist": _hist(guest, r), "vmm_hist": _hist(vmm, r)}
+            if counts.get(r):
+                kvm_reasons[kvm_name] = kvm_reasons.get(kvm_name, 0) + counts[r]
         ports = []
         for key, n in sorted(io.items()):
             port, direction = key & 0xFFFF, key >> _DIR_SHIFT
@@ -219,6 +315,7 @@ class ExitAccounting:
             "vmm_ns": vmm_sum,
             "assists": self.assists,
             "reasons": reasons,
+            "kvm_reasons": kvm_reasons,
             "guest_hist": _hist(guest, None),
             "vmm_hist": _hist(vmm, None),
             "io": ports,
@@ -236,11 +333,15 @@ class NullAccounting(ExitAccounting):
     def __init__(self, vcpu_id: int = 0) -> None:
         super().__init__(vcpu_id)
         self.c = None
+        self._guest_cells = None
 
     def count_io(self, port: int, direction: int) -> None:
         pass
 
     def count_mmio(self, addr: int) -> None:
+        pass
+
+    def book_as(self, label: str) -> None:
         pass
 
     @property
@@ -274,6 +375,14 @@ def _hist(table: list[int], reason: int | None) -> list[int]:
     if reason is not None:
         return table[reason << _SHIFT:(reason + 1) << _SHIFT]
     return [sum(table[b::NBUCKETS]) for b in range(NBUCKETS)]
+
+
+def _sum_hists(table: list[int], rows: list[int]) -> list[int]:
+    out = [0] * NBUCKETS
+    for r in rows:
+        for b, n in enumerate(table[r << _SHIFT:(r + 1) << _SHIFT]):
+            out[b] += n
+    return out
 
 
 def _device(bus: Any, addr: int) -> str | None:

@@ -186,7 +186,8 @@ class MeasureResult:
     """What happened between entering and leaving a `measure()` block."""
 
     seconds: float
-    exits: Counter[str] = field(default_factory=Counter)  # by reason name, all vCPUs
+    exits: Counter[str] = field(default_factory=Counter)  # by reason name or handled-as label, all vCPUs
+    kvm_exits: Counter[str] = field(default_factory=Counter)  # by raw KVM_EXIT_* name ("INTERNAL_ERROR")
     io: Counter[tuple[int, str]] = field(default_factory=Counter)  # (port, "in"/"out")
     mmio: Counter[int] = field(default_factory=Counter)  # by guest-physical address
     vmm_ns: int = 0
@@ -259,6 +260,7 @@ class measure:
                 n = rec["count"] - a0["reasons"].get(name, {}).get("count", 0)
                 if n:
                     r.exits[name] += n
+                    r.kvm_exits[rec.get("kvm_reason", name)] += n
             io0 = {(p["port"], p["direction"]): p["count"] for p in a0["io"]}
             for p in a1["io"]:
                 n = p["count"] - io0.get((p["port"], p["direction"]), 0)

@@ -184,6 +184,7 @@ class ExitProfile:
         self.sync_samples = 0
         self.hits: Counter[int] = Counter()  # rip -> sampled exits
         self.reasons: Counter[tuple[int, int]] = Counter()  # (rip, reason) -> sampled exits
+        self.handled: Counter[tuple[int, str]] = Counter()  # (rip, label) -> sampled exits booked as label
         self.vmm_ns: Counter[int] = Counter()  # rip -> VMM ns handling the sampled exits there
         self._countdown = self.every
         self._last_rip = -1
@@ -208,6 +209,16 @@ class ExitProfile:
         self.reasons[rip, reason] += 1
         self._last_rip = rip
 
+    def relabel(self, reason: int, label: str) -> None:
+        """The exit just recorded was handled as `label` (ExitAccounting.book_as): book its sample so."""
+        rip = self._last_rip
+        if rip < 0 or not self.reasons.get((rip, reason)):
+            return  # this exit was not sampled
+        self.reasons[rip, reason] -= 1
+        if not self.reasons[rip, reason]:
+            del self.reasons[rip, reason]
+        self.handled[rip, label] += 1
+
     @property
     def source(self) -> str:
         if not self.samples:
@@ -231,6 +242,8 @@ class ExitProfile:
         by_rip: dict[int, dict[str, int]] = {}
         for (rip, reason), c in reasons.items():
             by_rip.setdefault(rip, {})[reason_name(reason)] = c
+        for (rip, label), c in self.handled.copy().items():
+            by_rip.setdefault(rip, {})[label] = c
         out = []
         for rip, c in hits.most_common(n):
             symbol, function = self._name(rip)
@@ -274,6 +287,12 @@ class ProfiledAccounting(ExitAccounting):
         # The VMM time of the previous exit ended at this exit's KVM_RUN.
         self.profile.record(reason, self.c.last_vmm_ns)
 
+    def book_as(self, label: str) -> None:
+        reason = self.c.last
+        super().book_as(label)
+        if self.c.last != reason:  # booked: the profile's sample of this exit follows
+            self.profile.relabel(reason, label)
+
 
 def attach(loop: Any, *, every: int | None = None, symbols: SymbolTable | None = None) -> ExitProfile:
     """Start profiling `loop`'s exits; call before `loop.run()` (the loop binds its accounting there).
@@ -285,6 +304,7 @@ def attach(loop: Any, *, every: int | None = None, symbols: SymbolTable | None =
     old = loop.accounting
     new = ProfiledAccounting(old.vcpu_id, profile)
     new.assists, new.started_ns, new._mmio = old.assists, old.started_ns, old._mmio
+    new._label_row, new._row_label, new._by_label = old._label_row, old._row_label, old._by_label
     if old.c is not None:
         ffi.memmove(new.c, old.c, ffi.sizeof("struct kvmpy_acct"))
     loop.accounting = new

@@ -1,6 +1,6 @@
 """`kvmpy stat`: exit statistics of running kvmpy VMs, like kvm_stat but per VM and with VMM cost.
 
-    kvmpy stat                     live view of every running kvmpy VM (Ctrl-C quits)
+    kvmpy stat                     live view of every running kvmpy VM (keys below; q quits)
     kvmpy stat 1234 | NAME         one VM, by process id or VM name
     kvmpy stat --view ports        reasons | ports | mmio | sites | kvm
     kvmpy stat --once [--json | --csv]   --json: {"vms": [snapshot, ...], "host": debugfs counters or null}
@@ -8,9 +8,11 @@
 
 Each VM process serves snapshots on its control socket (kvmpy.stats.control);
 this command only reads them. Rates are per second over the refresh
-interval (over the VM's whole run with --once). When debugfs exposes KVM
-(/sys/kernel/debug/kvm), the `kvm` view also lists the host-wide per-VM
-kernel counters, VMs of other programs included.
+interval (over the VM's whole run with --once). Exits that kvmpy consumed
+are named by what it did with them ("syscall trap", "completion of int3":
+both KVM_EXIT_INTERNAL_ERROR to KVM); the `kvm_reason` column keeps KVM's.
+When debugfs exposes KVM (/sys/kernel/debug/kvm), the `kvm` view also lists
+the host-wide per-VM kernel counters, VMs of other programs included.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from select import select as wait_readable
 from typing import Any, Iterable
 
 from ..errors import KvmError
@@ -36,10 +40,14 @@ HOST_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_injection
                  "insn_emulation", "mmu_shadow_zapped")
 
 EPILOG = """\
-views: reasons (exits by KVM exit reason, VMM time per exit), ports (port I/O
-by port, direction and device), mmio (MMIO by page and device), sites (guest
-functions causing exits, when the VM profiles its exits), kvm (KVM's own
-vCPU and VM counters; host-wide per-VM debugfs counters when available).
+keys in the live view: 1-5 or v (Tab) choose the view, s the sort order,
+q quits.
+
+views: reasons (exits by what kvmpy did with them, else by KVM exit reason;
+VMM time per exit), ports (port I/O by port, direction and device), mmio
+(MMIO by page and device), sites (guest functions causing exits, when the
+VM profiles its exits), kvm (KVM's own vCPU and VM counters; host-wide
+per-VM debugfs counters when available).
 """
 
 
@@ -78,7 +86,7 @@ def select(sockets: list[SocketInfo], vm: str | None) -> list[SocketInfo]:
 
 def _aggregate(snap: dict[str, Any]) -> dict[str, Any]:
     """One VM's snapshot summed over its vCPUs, keyed for the views."""
-    reasons: dict[str, dict[str, int]] = {}
+    reasons: dict[str, dict[str, Any]] = {}
     ports: dict[tuple[int, str, str], int] = {}
     mmio: dict[tuple[int, str], int] = {}
     kvm: dict[str, int] = {}
@@ -87,7 +95,7 @@ def _aggregate(snap: dict[str, Any]) -> dict[str, Any]:
     for v in snap.get("vcpus", []):
         elapsed = max(elapsed, v.get("elapsed_ns", 0))
         for name, rec in v.get("reasons", {}).items():
-            r = reasons.setdefault(name, {"count": 0, "vmm_ns": 0})
+            r = reasons.setdefault(name, {"count": 0, "vmm_ns": 0, "kvm_reason": rec.get("kvm_reason", name)})
             r["count"] += rec["count"]
             r["vmm_ns"] += rec["vmm_ns"]
         for p in v.get("io", []):
@@ -118,7 +126,8 @@ def rows(snap: dict[str, Any], view: str, prev: dict[str, Any] | None = None) ->
     dt = (cur["t"] - before["t"]) if before is not None else cur["elapsed_s"]
 
     def rate(now: int, then: int) -> float:
-        return (now - then) / dt if dt > 0 else 0.0
+        # max: an exit caught mid-handling moves from KVM's reason to its label by the next snapshot
+        return max(now - then, 0) / dt if dt > 0 else 0.0
 
     out: list[dict[str, Any]] = []
     if view == "reasons":
@@ -127,7 +136,8 @@ def rows(snap: dict[str, Any], view: str, prev: dict[str, Any] | None = None) ->
             b = before["reasons"].get(name, {"count": 0, "vmm_ns": 0}) if before else {"count": 0, "vmm_ns": 0}
             out.append({"reason": name, "count": r["count"], "rate": rate(r["count"], b["count"]),
                         "share": 100.0 * r["count"] / total, "vmm_ms": r["vmm_ns"] / 1e6,
-                        "vmm_us_per_exit": r["vmm_ns"] / r["count"] / 1e3 if r["count"] else 0.0})
+                        "vmm_us_per_exit": r["vmm_ns"] / r["count"] / 1e3 if r["count"] else 0.0,
+                        "kvm_reason": r["kvm_reason"]})
     elif view == "ports":
         for (port, direction, device), n in cur["ports"].items():
             b = before["ports"].get((port, direction, device), 0) if before else 0
@@ -185,26 +195,33 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def header(snap: dict[str, Any]) -> str:
+    """The line above a VM's table: name, pid, exits, run time, vCPUs, VMM time."""
+    agg = _aggregate(snap)
+    total = sum(r["count"] for r in agg["reasons"].values())
+    vmm = sum(r["vmm_ns"] for r in agg["reasons"].values()) / 1e9
+    ncpu = len([v for v in snap.get("vcpus", []) if "reasons" in v])
+    return (f"{snap.get('name')} (pid {snap['pid']}): {total:,} exits in {agg['elapsed_s']:.1f} s, "
+            f"{ncpu} vCPU(s), VMM {vmm:.2f} s")
+
+
 def render(snaps: list[dict[str, Any]], prevs: dict[int, dict[str, Any]], args: argparse.Namespace,
            host: dict[str, dict[str, int]] | None = None) -> Any:
-    """A rich renderable: one table per VM (and the host-wide debugfs table)."""
+    """A rich renderable: per VM a header line and a table (and the host-wide debugfs table)."""
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     parts: list[Any] = []
     for snap in snaps:
         rs = sort_rows(rows(snap, args.view, prevs.get(snap["pid"])), args.sort)[:args.top]
-        agg = _aggregate(snap)
-        total = sum(r["count"] for r in agg["reasons"].values())
-        vmm = sum(r["vmm_ns"] for r in agg["reasons"].values()) / 1e9
-        ncpu = len([v for v in snap.get("vcpus", []) if "reasons" in v])
-        title = (f"{snap.get('name')} (pid {snap['pid']}): {total:,} exits in {agg['elapsed_s']:.1f} s, "
-                 f"{ncpu} vCPU(s), VMM {vmm:.2f} s")
-        t = Table(title=title, title_justify="left", expand=False)
+        # A line of its own: a table title wraps at the table's width, which is narrow.
+        parts.append(Text(header(snap), style="bold", no_wrap=True, overflow="ignore"))
+        t = Table(expand=False)
         cols = list(rs[0]) if rs else ["(nothing yet)"]
         for c in cols:
             t.add_column(c, justify="right" if c not in ("reason", "device", "function", "counter",
-                                                          "direction") else "left")
+                                                          "direction", "kvm_reason") else "left")
         for r in rs:
             t.add_row(*(_fmt(r[c]) for c in cols))
         if args.view == "sites" and not rs:
@@ -269,7 +286,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         from rich.console import Console
 
-        console = Console()
+        # Not a terminal and no COLUMNS: nothing to fit, so do not wrap (rich would assume 80).
+        wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        console = Console(width=4096 if wide else None)
         if args.once:
             console.print(render(snaps, {}, args, _host_counters()))
             return 0
@@ -279,21 +298,114 @@ def run(args: argparse.Namespace) -> int:
             c.close()
 
 
+class _Keys:
+    """Single keystrokes from the terminal on stdin (cbreak mode while open); inactive without one."""
+
+    def __init__(self, stream: Any) -> None:
+        try:
+            self.fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # None, closed, or not a file (io.StringIO)
+            self.fd = -1
+        self.active = self.fd >= 0 and os.isatty(self.fd)
+        self._saved: Any = None
+
+    def __enter__(self) -> _Keys:
+        if self.active:
+            import termios
+            import tty
+
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
+
+    def read(self, timeout: float) -> str:
+        """The keys typed within `timeout` seconds ("" if none): returns at the first keystroke."""
+        if not self.active:
+            time.sleep(max(timeout, 0.0))
+            return ""
+        ready, _, _ = wait_readable([self.fd], [], [], max(timeout, 0.0))
+        if not ready:
+            return ""
+        data = os.read(self.fd, 64)
+        if not data:  # the terminal went away
+            self.active = False
+            return "q"
+        return data.decode(errors="replace")
+
+
+def apply_key(args: argparse.Namespace, key: str) -> bool:
+    """Change the view or sort order of the live view for one keystroke; True if something changed."""
+    if key and key in "12345":
+        view = VIEWS[int(key) - 1]
+    elif key in ("v", "\t"):
+        view = VIEWS[(VIEWS.index(args.view) + 1) % len(VIEWS)]
+    elif key == "s":
+        args.sort = SORT_KEYS[(SORT_KEYS.index(args.sort) + 1) % len(SORT_KEYS)]
+        return True
+    else:
+        return False
+    changed = view != args.view
+    args.view = view
+    return changed
+
+
+def footer(args: argparse.Namespace) -> Any:
+    """The live view's key line: the views and sort orders, the current ones highlighted."""
+    from rich.text import Text
+
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append("q quits   view (1-5, v): ")
+    for i, v in enumerate(VIEWS, 1):
+        t.append(f"{i} {v}", style="reverse" if v == args.view else "")
+        t.append(" ")
+    t.append("  sort (s): ")
+    for k in SORT_KEYS:
+        t.append(k, style="reverse" if k == args.sort else "")
+        t.append(" ")
+    return t
+
+
 def _live(console: Any, clients: dict[Path, ControlClient], sockets: list[SocketInfo],
           snaps: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """The top-like view: redraws every --interval, and at once on a key (1-5/v/Tab view, s sort, q quit)."""
+    from rich.console import Group
     from rich.live import Live
 
-    prevs = {s["pid"]: s for s in snaps}
+    prevs: dict[int, dict[str, Any]] = {}  # what the rates on screen are against
+    host = _host_counters()
+
+    def screen() -> Any:
+        return Group(render(snaps, prevs, args, host), footer(args))
+
+    keys = _Keys(sys.stdin)
     try:
-        with Live(render(snaps, {}, args, _host_counters()), console=console, auto_refresh=False,
-                  screen=False) as live:
+        with keys, Live(screen(), console=console, auto_refresh=False, screen=keys.active and console.is_terminal,
+                        vertical_overflow="crop") as live:
+            next_poll = time.monotonic() + max(args.interval, 0.1)
             while True:
-                time.sleep(max(args.interval, 0.1))
+                typed = keys.read(next_poll - time.monotonic())
+                if "q" in typed or "Q" in typed:
+                    return 0
+                if typed:
+                    changed = [apply_key(args, k) for k in typed]  # every key, not up to the first change
+                    if any(changed):
+                        live.update(screen(), refresh=True)
+                    continue
+                next_poll = time.monotonic() + max(args.interval, 0.1)
                 if args.vm is None:  # VMs come and go
                     sockets = list_sockets(args.dir)
-                snaps = _poll(clients, sockets)
-                live.update(render(snaps, prevs, args, _host_counters()), refresh=True)
+                new = _poll(clients, sockets)
                 prevs = {s["pid"]: s for s in snaps}
+                snaps = new
+                host = _host_counters()
+                live.update(screen(), refresh=True)
                 if not snaps and args.vm is not None:
                     return 0  # the VM we watched is gone
     except KeyboardInterrupt:
@@ -301,7 +413,7 @@ def _live(console: Any, clients: dict[Path, ControlClient], sockets: list[Socket
 
 
 def _plot(clients: dict[Path, ControlClient], sockets: list[SocketInfo], args: argparse.Namespace) -> int:
-    from .plot import draw, plot_series
+    from .plot import draw, idle_note, plot_series
 
     if len(sockets) > 1:
         names = ", ".join(f"{s.pid} ({s.name})" for s in sockets)
@@ -323,12 +435,17 @@ def _plot(clients: dict[Path, ControlClient], sockets: list[SocketInfo], args: a
     if len(samples) < 2:
         print("kvmpy stat --plot: fewer than two snapshots sampled; nothing to plot", file=sys.stderr)
         return 1
+    series = plot_series(samples)
     try:
-        draw(plot_series(samples), args.plot)
+        draw(series, args.plot)
     except RuntimeError as e:
         print(f"kvmpy stat: {e}", file=sys.stderr)
         return 1
-    print(f"kvmpy stat: {len(samples)} snapshots over {args.duration:g} s -> {args.plot}", file=sys.stderr)
+    print(f"kvmpy stat: {len(samples)} snapshots over {series['window_s']:.3g} s, {series['window_exits']:,} "
+          f"exits in the window, {series['total_exits']:,} since the VM started -> {args.plot}", file=sys.stderr)
+    note = idle_note(series)
+    if note is not None:
+        print(f"kvmpy stat: {note.splitlines()[0]}", file=sys.stderr)
     return 0
 
 

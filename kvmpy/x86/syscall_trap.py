@@ -46,6 +46,7 @@ _PRESENT, _RW, _USER = 1, 2, 4
 _ADDR = 0x000F_FFFF_FFFF_F000
 _RFLAGS_IF = 1 << 9
 _SYNC = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
+HANDLED_AS = "syscall trap"  # what `kvmpy stat` calls these INTERNAL_ERROR exits
 
 
 class SyscallTrap:
@@ -139,6 +140,7 @@ class SyscallTrap:
         regs.rip = lstar
         run.kvm_dirty_regs = _SYNC
         self.traps += 1
+        exit.handled_as = HANDLED_AS
         return True
 
 

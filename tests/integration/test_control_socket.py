@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from kvmpy import ExitReason
 from kvmpy.errors import KvmError
 from kvmpy.stats.api import MachineStats
 from kvmpy.stats.control import ControlClient, ControlServer, list_sockets, query
@@ -120,10 +123,13 @@ def test_names_are_made_safe_for_a_path(tmp_path):
         assert server.path.name == f"{os.getpid()}-my_vm_.._x.sock"
 
 
-def run_stat(tmp_path, *args):
+def run_stat(tmp_path, *args, columns: str | None = "150"):
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["PYTHONPATH"] = str(Path(__file__).parents[2])
+    if columns is not None:
+        env["COLUMNS"] = columns
     return subprocess.run([sys.executable, "-m", "kvmpy.stats.stat_cli", "--dir", str(tmp_path), *args],
-                          capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]), COLUMNS="150"))
+                          capture_output=True, text=True, timeout=120, env=env)
 
 
 @pytest.fixture
@@ -180,3 +186,77 @@ def test_stat_plot_samples_and_writes_a_png(served, tmp_path):
     out = run_stat(tmp_path, "--plot", str(png), "--duration", "0.5", "--interval", "0.1")
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The guest had halted before sampling began: an idle window, and stat says so.
+    assert f"0 exits in the window, {OUTS + 1} since the VM started" in out.stderr
+    assert "no exit reached kvmpy in these" in out.stderr
+
+
+@pytest.mark.parametrize("columns", [None, "150"])
+def test_stat_once_prints_its_header_on_one_line_without_a_terminal(served, tmp_path, columns):
+    # The mmio view of this guest is an empty, narrow table: a title would wrap at its width.
+    out = run_stat(tmp_path, "--once", "--view", "mmio", columns=columns)
+    assert out.returncode == 0, out.stderr
+    header = out.stdout.splitlines()[0]
+    assert re.fullmatch(rf"tiny \(pid {os.getpid()}\): {OUTS + 1} exits in [\d.]+ s, 1 vCPU\(s\), VMM [\d.]+ s",
+                        header), out.stdout
+
+
+@pytest.fixture
+def served_named(guest, tmp_path):
+    """A VM whose first two hlts a handler consumed and named ("demo pause"); the third ends it."""
+    g = guest("64", "hlt\nhlt\nout %al, $0x10\nhlt")
+    calls = []
+
+    def on_hlt(exit):
+        calls.append(exit)
+        if len(calls) < 3:
+            exit.handled_as = "demo pause"
+            return True
+        return False
+
+    g.run({ExitReason.HLT: on_hlt})
+    stats = MachineStats(g)
+    server = ControlServer(stats, name="named", directory=tmp_path)
+    yield g
+    server.close()
+    stats.close()
+
+
+def test_stat_names_exits_by_what_was_done_and_keeps_the_kvm_reason(served_named, tmp_path):
+    table = run_stat(tmp_path, "--once")
+    assert re.search(r"demo pause +│ +2 .*│ HLT", table.stdout), table.stdout
+    lines = run_stat(tmp_path, "--csv", "--sort", "name").stdout.splitlines()
+    assert lines[0] == "pid,vm,reason,count,rate,share,vmm_ms,vmm_us_per_exit,kvm_reason"
+    rows = {l.split(",")[2]: l.split(",") for l in lines[1:]}
+    assert (rows["demo pause"][3], rows["demo pause"][-1]) == ("2", "HLT")
+    assert (rows["HLT"][3], rows["HLT"][-1]) == ("1", "HLT")
+    (snap,) = json.loads(run_stat(tmp_path, "--json").stdout)["vms"]
+    (vcpu,) = snap["vcpus"]
+    assert vcpu["reasons"]["demo pause"]["kvm_reason"] == "HLT"
+    assert vcpu["reasons"]["demo pause"]["handled_as"] == "demo pause"
+    assert vcpu["reasons"]["IO"]["count"] == 1  # the fields of before are all still there
+    assert vcpu["kvm_reasons"] == {"HLT": 3, "IO": 1}
+
+
+def test_live_view_without_a_terminal_ends_when_its_vm_goes_away(outs_guest, tmp_path):
+    outs_guest.run()
+    stats = MachineStats(outs_guest)
+    server = ControlServer(stats, name="tiny", directory=tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    proc = subprocess.Popen([sys.executable, "-m", "kvmpy.stats.stat_cli", "--dir", str(tmp_path), "--interval",
+                             "0.1", str(os.getpid())], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # Let it redraw a few times (no keys without a terminal), then take the VM away.
+        while server.requests < 4 and proc.poll() is None:
+            time.sleep(0.05)
+        server.close()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stats.close()
+    assert proc.returncode == 0, err
+    assert server.requests >= 4
+    assert "no running kvmpy VM answered" in out

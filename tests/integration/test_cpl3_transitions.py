@@ -16,7 +16,8 @@ from kvmpy._kvm import lib
 from kvmpy.exits import DebugExit, HltExit
 from kvmpy.platform import Backend, detect_backend
 from kvmpy.x86 import modes
-from kvmpy.x86.syscall_trap import SyscallTrap
+from kvmpy.stats import profile
+from kvmpy.x86.syscall_trap import TRAP_VA, SyscallTrap
 
 PVM = detect_backend() is Backend.PVM
 USER_STACK = 0x80000
@@ -271,3 +272,25 @@ def test_guest_debug_single_step_in_user_mode(guest):
         # Steps land on the user's instructions (iretq loads RFLAGS from its frame, so whether
         # KVM's TF survives it into user mode is the host's business; none may land elsewhere).
         assert set(in_user) <= {0, 1, 2, 3, 4}
+
+
+@pytest.mark.skipif(not PVM, reason="the syscall trap is only applied on the PVM backend")
+def test_syscall_traps_are_booked_as_syscall_trap_not_as_internal_errors(guest):
+    _, loop = _guest(guest, """
+    mov $20, %r12
+1:  syscall
+    dec %r12
+    jnz 1b
+    hlt
+    """, trap=True)
+    sites = profile.attach(loop)  # every exit: the trap syncs the registers
+    assert isinstance(loop.run(), HltExit)
+    snap = loop.accounting.snapshot()
+    trap = snap["reasons"]["syscall trap"]
+    assert (trap["count"], trap["kvm_reason"], trap["handled_as"]) == (20, "INTERNAL_ERROR", "syscall trap")
+    assert trap["vmm_ns"] > 0 and sum(trap["vmm_hist"]) == 20
+    assert "INTERNAL_ERROR" not in snap["reasons"]
+    assert snap["kvm_reasons"]["INTERNAL_ERROR"] == 20  # KVM's reason stays available
+    assert loop.accounting.exits[lib.KVM_EXIT_INTERNAL_ERROR] == 20
+    (site,) = [s for s in sites.top_sites() if "syscall trap" in s["reasons"]]
+    assert site["rip"] == TRAP_VA and site["reasons"] == {"syscall trap": 20}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -176,3 +177,81 @@ def test_profile_finds_the_exit_sites(guest, synced):
     (vcpu,) = vm_stats(loop)["vcpus"]
     assert vcpu["profile"]["samples"] == 16
     assert sum(s["vmm_ns"] for s in vcpu["profile"]["sites"]) > 0
+
+
+# -- exits booked by what a handler did with them (Exit.handled_as) ------------------------
+
+LABELLED = """
+    hlt
+    hlt
+    hlt
+    out %al, $0x10
+    hlt
+"""
+
+
+def test_an_exit_a_handler_names_is_booked_under_that_name_with_its_vmm_time(guest):
+    g = guest("64", LABELLED)
+    seen = []
+
+    def on_hlt(exit):
+        seen.append(exit)
+        if len(seen) == 4:
+            return False  # the last hlt ends the run, unnamed
+        exit.handled_as = "demo pause"
+        time.sleep(0.002)  # VMM time that must be charged to the label
+        return True
+
+    g.run({ExitReason.HLT: on_hlt})
+    acct = g.loop.accounting
+    snap = acct.snapshot()
+    pause = snap["reasons"]["demo pause"]
+    assert pause["count"] == 3 and pause["kvm_reason"] == "HLT" and pause["handled_as"] == "demo pause"
+    assert pause["code"] == ExitReason.HLT
+    assert pause["vmm_ns"] >= 3 * 2_000_000 and sum(pause["vmm_hist"]) == 3 and sum(pause["guest_hist"]) == 3
+    hlt = snap["reasons"]["HLT"]
+    assert hlt["count"] == 1 and hlt["handled_as"] is None and hlt["kvm_reason"] == "HLT"
+    assert snap["kvm_reasons"] == {"HLT": 4, "IO": 1}
+    assert snap["exits"] == 5 and sum(snap["guest_hist"]) == 5
+    # By KVM reason, the Python API still counts all four hlts.
+    assert acct.exits == {ExitReason.HLT: 4, ExitReason.IO: 1}
+    assert acct.handled == {"demo pause": 3}
+    assert sum(acct.guest_hist(ExitReason.HLT)) == 4
+    assert acct.vmm_ns_by_reason[ExitReason.HLT] == pause["vmm_ns"] + hlt["vmm_ns"]
+
+
+def test_measure_reports_named_exits_and_their_kvm_reasons(guest):
+    g = guest("64", LABELLED)
+    calls = []
+
+    def on_hlt(exit):
+        calls.append(1)
+        exit.handled_as = "demo pause"
+        return len(calls) < 4
+
+    g.make_loop({ExitReason.HLT: on_hlt})
+    with measure(g, kvm=False) as m:
+        g.loop.run()
+    assert m.result.exits == {"demo pause": 4, "IO": 1}
+    assert m.result.kvm_exits == {"HLT": 4, "IO": 1}
+
+
+def test_an_instruction_kvmpy_completes_is_named_completion_of_its_mnemonic(guest):
+    g = guest("64", """
+        int3
+        out %al, $0x11
+        hlt
+    .org 0x100
+        iretq
+    """, idt={3: 0x100})
+    g.run()
+    snap = g.loop.accounting.snapshot()
+    completed = g.assists.completed["int3"]
+    assert completed in (0, 1)  # hardware runs int3 without an exit; PVM needs the assist
+    if completed:
+        rec = snap["reasons"]["completion of int3"]
+        assert (rec["count"], rec["kvm_reason"], rec["code"]) == (1, "INTERNAL_ERROR", ExitReason.INTERNAL_ERROR)
+        assert "INTERNAL_ERROR" not in snap["reasons"]
+        assert snap["kvm_reasons"]["INTERNAL_ERROR"] == 1
+    else:
+        assert not [name for name in snap["reasons"] if name.startswith("completion")]
