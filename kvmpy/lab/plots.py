@@ -1,0 +1,76 @@
+"""matplotlib figures for the labs (matplotlib is the optional `plot` extra, imported when drawing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+
+def _figure(size: tuple[float, float] = (10, 5.5)) -> Any:
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError("plotting needs matplotlib: pip install 'kvmpy[plot]'") from e
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
+
+
+def bar_chart(path: Path, labels: Sequence[str], values: Mapping[str, Sequence[float]], *, ylabel: str,
+              title: str, log: bool = False) -> Path:
+    """Grouped bars: one group per label, one bar per series in `values`."""
+    fig = _figure()
+    ax = fig.subplots()
+    width = 0.8 / max(len(values), 1)
+    for i, (series, ys) in enumerate(values.items()):
+        xs = [x + (i - (len(values) - 1) / 2) * width for x in range(len(labels))]
+        ax.bar(xs, [max(y, 1e-3) for y in ys], width, label=series)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize="small")
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.savefig(str(path), format="png", dpi=100)
+    return path
+
+
+def line_chart(path: Path, xs: Sequence[float], series: Mapping[str, Sequence[float]], *, xlabel: str,
+               ylabel: str, title: str, logx: bool = False) -> Path:
+    fig = _figure()
+    ax = fig.subplots()
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.savefig(str(path), format="png", dpi=100)
+    return path
+
+
+def histograms(path: Path, samples: Mapping[str, Sequence[float]], *, xlabel: str, title: str) -> Path:
+    """One histogram panel per series (log-spaced bins), sharing the x axis."""
+    import math
+
+    fig = _figure((10, 2.2 * max(len(samples), 1) + 1))
+    axes = fig.subplots(len(samples), 1, sharex=True, squeeze=False)[:, 0]
+    every = [v for vs in samples.values() for v in vs if v > 0]
+    lo, hi = (min(every), max(every)) if every else (1.0, 10.0)
+    lo_e, hi_e = math.floor(math.log10(lo) * 4) / 4, math.ceil(math.log10(hi) * 4) / 4 + 0.25
+    bins = [10 ** (lo_e + i * 0.125) for i in range(int((hi_e - lo_e) / 0.125) + 1)]
+    for ax, (name, vs) in zip(axes, samples.items()):
+        ax.hist([v for v in vs if v > 0], bins=bins)
+        ax.set_xscale("log")
+        ax.set_ylabel("count")
+        ax.set_title(name, fontsize="medium", loc="left")
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel(xlabel)
+    fig.suptitle(title)
+    fig.savefig(str(path), format="png", dpi=100)
+    return path
