@@ -45,6 +45,7 @@ def line_chart(path: Path, xs: Sequence[float], series: Mapping[str, Sequence[fl
         ax.plot(xs, ys, marker="o", label=name)
     if logx:
         ax.set_xscale("log", base=2)
+    ax.set_xticks(list(xs), [f"{x:g}" for x in xs])  # ticks where the measurements are
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -95,3 +95,17 @@ def render(result: LabResult, console: Any) -> None:
 def to_json(results: Sequence[LabResult]) -> list[dict[str, Any]]:
     """The `--json` form of some lab results."""
     return [asdict(r) for r in results]
+
+
+def to_markdown(result: LabResult) -> str:
+    """A lab's tables as Markdown (how docs/tutorial/ shows this host's numbers)."""
+    out = []
+    for t in result.tables:
+        out.append(f"**{t.title}**\n")
+        out.append("| " + " | ".join(t.columns) + " |")
+        out.append("|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(t.columns))) + "|")
+        for r in t.rows:
+            out.append("| " + " | ".join(format_cell(c).replace("|", "\\|") for c in r) + " |")
+        out.append("")
+    out.extend(f"- {n}" for n in result.notes)
+    return "\n".join(out) + "\n"

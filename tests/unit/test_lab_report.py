@@ -86,3 +86,10 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_form_is_a_table_per_lab_table() -> None:
+    from kvmpy.lab.report import to_markdown
+
+    r = LabResult("x", "title", "pvm", True, [LabTable("t", ["a", "b"], [["x|y", 12345]])], ["n"])
+    assert to_markdown(r) == "**t**\n\n| a | b |\n| --- | ---: |\n| x\\|y | 12,345 |\n\n- n\n"
