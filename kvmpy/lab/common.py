@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from ..errors import GuestError
-from ..exits import Exit, HltExit, IntrExit
+from ..errors import KvmError
+from ..exits import Exit, IntrExit
 from ..kvm import Kvm
 from ..tiny import MMIO_HOLE, Guest, tiny_guest
 from ..x86 import modes
+
+RUN_TIMEOUT = 60.0  # seconds a lab guest may run before the lab gives up on it (each takes well under 1 s)
 
 DONE_PORT = 0xF4  # a guest at CPL0 says "finished" with `out %al, $0xf4`
 DONE_MMIO = MMIO_HOLE  # ... and at CPL3 (where `out` faults) with a store here
@@ -20,6 +23,10 @@ FAULTS = 0x8000  # the guest kernel's #GP handler counts the faults it skipped h
 USER_STACK = 0x6000
 KERNEL_STACK = 0x7000
 GP_HANDLER = 0x400  # offset of the #GP handler in a `program`
+
+
+class LabError(KvmError):
+    """A lab's guest did not run as the lab planned, or a lab cannot run here (no matplotlib)."""
 
 
 class Sink:
@@ -60,7 +67,7 @@ class UnexpectedFault:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
-        raise GuestError(f"lab guest took unexpected exception vector {value}")
+        raise LabError(f"lab guest took unexpected exception vector {value}")
 
 
 def wire_done(guest: Guest) -> Done:
@@ -72,15 +79,26 @@ def wire_done(guest: Guest) -> Done:
     return done
 
 
-def run_until_done(guest: Guest, done: Done) -> tuple[Exit, float]:
+def run_loop(loop: Any, timeout: float = RUN_TIMEOUT) -> tuple[Exit, float]:
+    """`loop.run()` with a watchdog that stops it after `timeout` s; (the exit that ended it, seconds)."""
+    watchdog = threading.Timer(timeout, loop.stop)
+    watchdog.daemon = True
+    watchdog.start()
+    t0 = time.perf_counter()
+    try:
+        exit = loop.run()
+    finally:
+        watchdog.cancel()
+    return exit, time.perf_counter() - t0
+
+
+def run_until_done(guest: Guest, done: Done, timeout: float = RUN_TIMEOUT) -> tuple[Exit, float]:
     """Run the guest's loop to its done write; (the exit that ended it, seconds)."""
     assert guest.loop is not None
-    t0 = time.perf_counter()
-    exit = guest.loop.run()
-    seconds = time.perf_counter() - t0
+    exit, seconds = run_loop(guest.loop, timeout)
     if done.value is None or not isinstance(exit, IntrExit):
-        raise GuestError(f"lab guest ended with {exit.name} before its done write"
-                         + (f" at rip {guest.vcpu.get_regs().rip:#x}" if isinstance(exit, HltExit) else ""))
+        why = f"{timeout:g} s passed" if isinstance(exit, IntrExit) else f"it ended with {exit.name}"
+        raise LabError(f"lab guest did not reach its done write: {why}, at rip {guest.vcpu.get_regs().rip:#x}")
     return exit, seconds
 
 
@@ -124,12 +142,6 @@ def kvm_counter(kvm: dict[str, Any], name: str) -> int | None:
     """A KVM stats counter's delta, or None when this kernel has no such statistic."""
     value = kvm.get(name)
     return int(value) if isinstance(value, int) else None
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t0
 
 
 def program(pre: str, loop: str, cpl: int, skip: int) -> str:

@@ -26,20 +26,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .._kvm import lib
 from ..exits import Exit
 from ..kvm import Kvm
 from ..platform import detect_backend
 from ..runloop import VcpuLoop
 from ..stats.kvmstats import StatsFd
 from ..tiny import Guest, tiny_guest
-from .common import Summary, unexpected_fault_handlers, unexpected_idt
+from .common import LabError, Summary, run_loop, unexpected_fault_handlers, unexpected_idt
 from .report import LabResult, LabTable
 
 IOAPIC, LAPIC = 0xFEC0_0000, 0xFEE0_0000
 READY_PORT, REPORT_PORT, PIC_PORT = 0x10, 0x14, 0x20
 IRQ_PIN, IRQFD_PIN = 4, 6
 IRQ_VECTOR, IRQFD_VECTOR, MSI_VECTOR, NMI_VECTOR, USER_VECTOR = 0x30, 0x31, 0x40, 2, 0x20
-KVM_EXIT_IRQ_WINDOW_OPEN = 7
 
 
 def _handler(vector: int, eoi: str) -> str:
@@ -225,11 +225,12 @@ def _drive(g: Guest, methods: list[Method], count: int, window: Callable[[], Non
     with StatsFd.of(g.vcpu) as stats:
         conductor = Conductor(methods, count, stats, window)
         g.pio.register(READY_PORT, PIC_PORT - READY_PORT + 1, conductor, "conductor")
-        handlers = {KVM_EXIT_IRQ_WINDOW_OPEN: conductor.window_open} if window is not None else {}
+        handlers = {lib.KVM_EXIT_IRQ_WINDOW_OPEN: conductor.window_open} if window is not None else {}
         conductor.loop = g.make_loop(handlers)
-        exit = conductor.loop.run()
+        exit, _ = run_loop(conductor.loop)
         if conductor.index != len(methods):
-            raise RuntimeError(f"interrupt lab: the guest stopped with {exit.name} during {conductor.current.name}")
+            raise LabError(f"interrupt lab: the guest stopped with {exit.name} during {conductor.current.name} "
+                           f"after {len(conductor.current.latencies_ns)} interrupts")
     return conductor
 
 

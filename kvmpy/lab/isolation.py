@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..exits import Exit, InternalErrorExit, ShutdownExit
+from .._kvm import lib
 from ..kvm import Kvm
 from ..platform import detect_backend
 from ..stats.api import measure
 from ..tiny import RAM_SIZE, RecordingPort, tiny_guest
-from .common import cpl_guest, program, run_until_done, wire_done
+from .common import cpl_guest, program, run_loop, run_until_done, wire_done
 from .report import LabResult, LabTable
 
 NO_SLOT = 0xD3000  # in the legacy hole: no memory slot
@@ -66,15 +67,14 @@ class ProbeRun:
 
 
 def _run_probe(kvm: Kvm, probe: Probe, count: int) -> ProbeRun:
+    keep = f"mov %rax, {RESULT:#x}" if probe.cpl == 0 else ""  # what the last load returned, for the VMM
     loop = f"""
     mov ${count}, %r8
 1:  {probe.access}
     dec %r8
     jnz 1b
-    mov %rax, {RESULT:#x}
+    {keep}
 """
-    if probe.cpl == 3:
-        loop = loop.replace(f"    mov %rax, {RESULT:#x}\n", "")  # user pages are identity-mapped too, but keep it minimal
     regions = {"rom": {"gpa": ROM, "size": ROM_SIZE, "readonly": True}}
     with cpl_guest(kvm, program(probe.pre, loop, probe.cpl, 0), probe.cpl, extra_regions=regions) as g:
         g.mem.fill(ROM, ROM_SIZE, ROM_PATTERN)
@@ -134,7 +134,8 @@ def _run_fatal(kvm: Kvm, source: str) -> tuple[Exit, str, int]:
             seen.append(e)
             return False
 
-        exit = g.run({17: stop})  # KVM_EXIT_INTERNAL_ERROR: recorded, not completed
+        g.make_loop({lib.KVM_EXIT_INTERNAL_ERROR: stop})  # recorded, not completed
+        exit, _ = run_loop(g.loop)
         rip = g.vcpu.get_regs().rip
         if isinstance(exit, InternalErrorExit):
             return exit, exit.describe(), rip

@@ -24,6 +24,7 @@ pages the guest wrote (KVM_GET_DIRTY_LOG).
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from ..platform import detect_backend
 from ..stats.kvmstats import StatsFd, delta
 from ..tiny import Guest
 from ..x86.modes import USER_CODE64_SEL, USER_DATA_SEL
-from .common import DONE_PORT, KERNEL_STACK, USER_STACK, cpl_guest, run_until_done, wire_done
+from .common import DONE_PORT, USER_STACK, cpl_guest, run_until_done, wire_done
 from .report import LabResult, LabTable
 
 PHASE_PORT = 0xF6
@@ -122,14 +123,11 @@ class Phases:
     """Port PHASE_PORT: at each marker the time and KVM's counters (VM and vCPU stats fds)."""
 
     def __init__(self, vm_stats: StatsFd, vcpu_stats: StatsFd) -> None:
-        import time
-
-        self._clock = time.perf_counter
         self.vm_stats, self.vcpu_stats = vm_stats, vcpu_stats
         self.marks: list[tuple[float, dict[str, Any], dict[str, Any]]] = []
 
     def mark(self) -> None:
-        self.marks.append((self._clock(), self.vm_stats.read(), self.vcpu_stats.read()))
+        self.marks.append((time.perf_counter(), self.vm_stats.read(), self.vcpu_stats.read()))
 
     def read(self, offset: int, size: int) -> int:
         return 0
@@ -164,7 +162,6 @@ def _build(kvm: Kvm, pages: int, spaces: int) -> Guest:
 def measure_sweep(kvm: Kvm, pages: int, spaces: int, *, keep: Any = None) -> Sweep:
     """Run the guest for N=`pages`, K=`spaces`; `keep(guest)` may inspect it before it closes."""
     with _build(kvm, pages, spaces) as g:
-        # The guest starts in its kernel (cpl_guest set CPL3 up for the iretq; the entry itself is CPL0).
         with StatsFd.of(g.vm) as vm_stats, StatsFd.of(g.vcpu) as vcpu_stats:
             phases = Phases(vm_stats, vcpu_stats)
             g.pio.register(PHASE_PORT, 1, phases, "phase marker")

@@ -10,7 +10,9 @@ def _figure(size: tuple[float, float] = (10, 5.5)) -> Any:
     try:
         import matplotlib
     except ImportError as e:
-        raise RuntimeError("plotting needs matplotlib: pip install 'kvmpy[plot]'") from e
+        from .common import LabError
+
+        raise LabError("--plot needs matplotlib: pip install 'kvmpy[plot]'") from e
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 

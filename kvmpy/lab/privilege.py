@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._kvm import lib
 from ..kvm import Kvm
 from ..platform import Backend, detect_backend
 from ..stats.api import measure
@@ -86,7 +87,7 @@ def _run_probe(kvm: Kvm, probe: Probe, count: int, cpl: int) -> ProbeRun:
         msrs.intercept(FILTERED_MSR, lambda v, e: e.complete(0), lambda v, e: e.complete())
         msrs.install()
         done = wire_done(g)
-        loop = g.make_loop({_HLT: lambda e: True})  # hlt with no in-kernel LAPIC: back to the guest
+        loop = g.make_loop({lib.KVM_EXIT_HLT: lambda e: True})  # hlt, no in-kernel LAPIC: back to the guest
         msrs.attach(loop)
         with measure(g) as m:
             _, seconds = run_until_done(g, done)
@@ -97,9 +98,6 @@ def _run_probe(kvm: Kvm, probe: Probe, count: int, cpl: int) -> ProbeRun:
         exits[key] -= 1
         exits = {k: v for k, v in exits.items() if v}
         return ProbeRun(exits, kvm_counter(r.kvm, "exits"), g.mem.read_u64(FAULTS), seconds)
-
-
-_HLT = 5  # KVM_EXIT_HLT
 
 
 def _verdict(run: ProbeRun, count: int, cpl: int, backend: Backend) -> str:

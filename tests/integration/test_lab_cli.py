@@ -24,3 +24,23 @@ def test_lab_prints_its_table_and_writes_its_plot(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "store to a read-only slot" in out and "docs/tutorial/05-isolation.md" in out
     assert (tmp_path / "isolation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_lab_guest_that_never_finishes_is_stopped_with_a_clear_error(kvm) -> None:
+    from kvmpy.lab.common import LabError, cpl_guest, program, run_until_done, wire_done
+
+    with cpl_guest(kvm, program("", "2: jmp 2b", 0, 0), 0) as g:
+        done = wire_done(g)
+        g.make_loop()
+        with pytest.raises(LabError, match=r"did not reach its done write: 0.3 s passed, at rip 0x1"):
+            run_until_done(g, done, timeout=0.3)
+
+
+def test_an_unplanned_guest_exception_is_reported_by_vector(kvm) -> None:
+    from kvmpy.lab.common import LabError, cpl_guest, program, run_until_done, wire_done
+
+    with cpl_guest(kvm, program("", "ud2", 0, 0), 0) as g:
+        done = wire_done(g)
+        g.make_loop()
+        with pytest.raises(LabError, match="unexpected exception vector 6"):
+            run_until_done(g, done)
