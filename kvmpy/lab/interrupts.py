@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from .._kvm import lib
@@ -265,7 +266,7 @@ def run(kvm: Kvm, quick: bool = False) -> LabResult:
     return result
 
 
-def plot(result: LabResult, directory: Any) -> list:
+def plot(result: LabResult, directory: Path) -> list[Path]:
     from .plots import histograms
 
     samples = {name: [x / 1e3 for x in m["latencies_ns"]] for name, m in result.series["methods"].items()}

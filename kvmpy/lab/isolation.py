@@ -13,7 +13,7 @@ over, the VMM goes on. Each probe runs in a VM of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 from ..exits import Exit, InternalErrorExit, ShutdownExit
 from .._kvm import lib
@@ -176,7 +176,7 @@ def run(kvm: Kvm, quick: bool = False) -> LabResult:
     return result
 
 
-def plot(result: LabResult, directory: Any) -> list:
+def plot(result: LabResult, directory: Path) -> list[Path]:
     from .plots import bar_chart
 
     names = list(result.series["probes"])

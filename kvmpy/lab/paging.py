@@ -26,11 +26,12 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..kvm import Kvm
 from ..memory import GuestMemory
-from ..platform import detect_backend
+from ..platform import Backend, detect_backend
 from ..stats.kvmstats import StatsFd, delta
 from ..tiny import Guest
 from ..x86.modes import USER_CODE64_SEL, USER_DATA_SEL
@@ -280,6 +281,10 @@ def run(kvm: Kvm, quick: bool = False) -> LabResult:
     for sw in sweeps:
         dirty.add(sw.pages, sw.spaces, sw.pages * sw.spaces, len(sw.dirty), len(sw.dirty_again), sw.pages_4k)
     result.tables.append(dirty)
+    result.notes.append("shadow paging: KVM write-protects the guest's page tables and fills shadow entries on "
+                        "faults (mmu_pte_write, pf_fixed)" if backend is Backend.PVM else
+                        "EPT/NPT: the CPU walks the guest's tables and KVM's in two dimensions; KVM fills "
+                        "EPT/NPT entries once per guest-physical page (pf_fixed)")
     zero = sorted({k for sw in sweeps for ph in sw.phases for k, v in ph.counters.items() if v == 0}
                   - {k for sw in sweeps for ph in sw.phases for k, v in ph.counters.items() if v})
     if zero:
@@ -291,7 +296,7 @@ def run(kvm: Kvm, quick: bool = False) -> LabResult:
     return result
 
 
-def plot(result: LabResult, directory: Any) -> list:
+def plot(result: LabResult, directory: Path) -> list[Path]:
     from .plots import line_chart
 
     sweeps = result.series["sweeps"]

@@ -13,6 +13,7 @@ natively; on a software backend (PVM) CPL0 code is emulated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .._kvm import lib
 from ..kvm import Kvm
@@ -188,7 +189,7 @@ def run(kvm: Kvm, quick: bool = False) -> LabResult:
     return result
 
 
-def plot(result: LabResult, directory) -> list:
+def plot(result: LabResult, directory: Path) -> list[Path]:
     from .plots import bar_chart
 
     names = list(result.series["probes"])
