@@ -251,6 +251,20 @@ def _bits(level: str) -> str:
     return {"PML4": "47..39", "PDPT": "38..30", "PD": "29..21", "PT": "20..12"}[level]
 
 
+def host_mmu(backend: Backend, sys_module: str = "/sys/module") -> str:
+    """"EPT", "NPT" or "shadow paging": what KVM uses for guest memory here (kvm_intel's ept, kvm_amd's npt)."""
+    if backend in (Backend.VMX, Backend.SVM):
+        name, param = ("kvm_intel", "ept") if backend is Backend.VMX else ("kvm_amd", "npt")
+        try:
+            with open(f"{sys_module}/{name}/parameters/{param}") as f:
+                on = f.read().strip() in ("Y", "1")
+        except OSError:
+            on = True  # the module's default when the parameter cannot be read
+        if on:
+            return param.upper()
+    return "shadow paging"
+
+
 def run(kvm: Kvm, quick: bool = False) -> LabResult:
     backend = detect_backend()
     result = LabResult("memory", "memory virtualization: page tables, the MMU, dirty logging", backend.value, quick)
@@ -281,10 +295,11 @@ def run(kvm: Kvm, quick: bool = False) -> LabResult:
     for sw in sweeps:
         dirty.add(sw.pages, sw.spaces, sw.pages * sw.spaces, len(sw.dirty), len(sw.dirty_again), sw.pages_4k)
     result.tables.append(dirty)
-    result.notes.append("shadow paging: KVM write-protects the guest's page tables and fills shadow entries on "
-                        "faults (mmu_pte_write, pf_fixed)" if backend is Backend.PVM else
-                        "EPT/NPT: the CPU walks the guest's tables and KVM's in two dimensions; KVM fills "
-                        "EPT/NPT entries once per guest-physical page (pf_fixed)")
+    mmu = host_mmu(backend)
+    result.notes.append(f"this host's MMU virtualization: {mmu}: " + (
+        "the CPU walks the guest's tables and KVM's in two dimensions; KVM fills EPT/NPT entries once per "
+        "guest-physical page (pf_fixed)" if mmu.startswith(("EPT", "NPT")) else
+        "KVM write-protects the guest's page tables and fills shadow entries on faults (mmu_pte_write, pf_fixed)"))
     zero = sorted({k for sw in sweeps for ph in sw.phases for k, v in ph.counters.items() if v == 0}
                   - {k for sw in sweeps for ph in sw.phases for k, v in ph.counters.items() if v})
     if zero:

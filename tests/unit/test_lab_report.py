@@ -93,3 +93,20 @@ def test_markdown_form_is_a_table_per_lab_table() -> None:
 
     r = LabResult("x", "title", "pvm", True, [LabTable("t", ["a", "b"], [["x|y", 12345]])], ["n"])
     assert to_markdown(r) == "**t**\n\n| a | b |\n| --- | ---: |\n| x\\|y | 12,345 |\n\n- n\n"
+
+
+@pytest.mark.parametrize("backend, module, param, value, expected", [
+    ("VMX", "kvm_intel", "ept", "Y", "EPT"),
+    ("VMX", "kvm_intel", "ept", "N", "shadow paging"),
+    ("SVM", "kvm_amd", "npt", "1", "NPT"),
+    ("SVM", "kvm_amd", "npt", "0", "shadow paging"),
+    ("PVM", "kvm_pvm", "x", "", "shadow paging"),
+])
+def test_host_mmu_reads_the_vendor_module_parameter(tmp_path: Path, backend: str, module: str, param: str,
+                                                    value: str, expected: str) -> None:
+    from kvmpy.lab.paging import host_mmu
+    from kvmpy.platform import Backend
+
+    (tmp_path / module / "parameters").mkdir(parents=True)
+    (tmp_path / module / "parameters" / param).write_text(value + "\n")
+    assert host_mmu(Backend[backend], str(tmp_path)) == expected
