@@ -32,6 +32,7 @@ from .common import Sink, cpl_guest, kvm_counter, program, run_until_done, wire_
 from .report import LabResult, LabTable
 
 PORT, EVENTFD_PORT = 0x80, 0x84
+REPEATS = 3
 MMIO_DEV, MMIO_EVENTFD = 0xD1000, 0xD2000  # in the tiny guests' legacy hole: no memory slot
 PIT_MODE_PORT = 0x43
 LAPIC_TMICT = 0xFEE0_0380
@@ -132,7 +133,8 @@ def run(kvm: Kvm, quick: bool = False) -> LabResult:
                       "device saw", "us/write"])
     runs = {}
     for path in PATHS:
-        r = _run_path(kvm, path, count)
+        # Best of REPEATS: on a shared host one run can lose milliseconds to the scheduler; counts are exact.
+        r = min((_run_path(kvm, path, count) for _ in range(REPEATS)), key=lambda x: x.seconds)
         runs[path.name] = r
         table.add(path.name, path.cpl, count, sum(r.exits.values()), kvm_counter(r.kvm, "exits"),
                   kvm_counter(r.kvm, "io_exits"), kvm_counter(r.kvm, "mmio_exits"), r.evidence,

@@ -179,7 +179,10 @@ def run(kvm: Kvm, quick: bool = False) -> LabResult:
 def plot(result: LabResult, directory: Path) -> list[Path]:
     from .plots import bar_chart
 
-    names = list(result.series["probes"])
-    exits = [sum(result.series["probes"][n]["exits"].values()) for n in names]
-    return [bar_chart(directory / "isolation.png", names, {"exits to kvmpy": exits}, ylabel="exits",
-                      title=f"lab isolation ({result.backend}): {result.series['count']} accesses per probe")]
+    probes = result.series["probes"]
+    names = list(probes)
+    values = {"guest accesses": [result.series["count"]] * len(names),
+              "exits to kvmpy": [sum(probes[n]["exits"].values()) for n in names],
+              "accesses the VMM's bus saw": [probes[n]["vmm_saw"] for n in names]}
+    return [bar_chart(directory / "isolation.png", names, values, ylabel="count",
+                      title=f"lab isolation ({result.backend}): what left the guest, per probe")]

@@ -33,7 +33,8 @@ def bar_chart(path: Path, labels: Sequence[str], values: Mapping[str, Sequence[f
         ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.margins(y=0.25)  # headroom above the tallest bar for the legend
+    ax.legend(loc="upper center", ncol=len(values))
     ax.grid(True, axis="y", alpha=0.3)
     fig.savefig(str(path), format="png", dpi=100)
     return path

@@ -110,3 +110,11 @@ def test_host_mmu_reads_the_vendor_module_parameter(tmp_path: Path, backend: str
     (tmp_path / module / "parameters").mkdir(parents=True)
     (tmp_path / module / "parameters" / param).write_text(value + "\n")
     assert host_mmu(Backend[backend], str(tmp_path)) == expected
+
+
+def test_latency_summary_percentiles() -> None:
+    from kvmpy.lab.common import Summary
+
+    s = Summary.of([float(x) for x in range(1, 101)])
+    assert (s.count, s.p50, s.p90, s.p99, s.max) == (100, 51.0, 91.0, 100.0, 100.0)
+    assert Summary.of([]).count == 0
