@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import LABS
+from .common import LabError
 from .report import LabResult, render, to_json
 
 EPILOG = "labs, in tutorial order (docs/tutorial/):\n" + "\n".join(
@@ -47,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
                 render(result, console)
                 console.print(f"[dim]chapter: docs/tutorial/{lab.chapter}[/dim]")
             if args.plot is not None:
-                for path in lab.plot(result, args.plot):
+                try:
+                    paths = lab.plot(result, args.plot)
+                except OSError as e:
+                    raise LabError(f"--plot {args.plot}: {e.strerror or e}") from e
+                for path in paths:
                     console.print(f"plot: {path}", highlight=False)
     if args.json:
         json.dump(to_json(results), sys.stdout, indent=1)

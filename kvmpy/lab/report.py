@@ -84,7 +84,7 @@ def render(result: LabResult, console: Any) -> None:
     for t in result.tables:
         table = Table(title=t.title, caption=t.caption or None, caption_justify="left")
         for i, c in enumerate(t.columns):
-            table.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
+            table.add_column(c, justify="left" if _is_text(t, i) else "right", overflow="fold")
         for r in t.rows:
             table.add_row(*(format_cell(c) for c in r))
         console.print(table)
@@ -97,13 +97,18 @@ def to_json(results: Sequence[LabResult]) -> list[dict[str, Any]]:
     return [asdict(r) for r in results]
 
 
+def _is_text(t: LabTable, i: int) -> bool:
+    """Column `i` holds words (left-aligned), not numbers or addresses (right-aligned)."""
+    return i == 0 or any(isinstance(r[i], str) and r[i] != "-" and not r[i].startswith("0x") for r in t.rows)
+
+
 def to_markdown(result: LabResult) -> str:
     """A lab's tables as Markdown (how docs/tutorial/ shows this host's numbers)."""
     out = []
     for t in result.tables:
         out.append(f"**{t.title}**\n")
         out.append("| " + " | ".join(t.columns) + " |")
-        out.append("|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(t.columns))) + "|")
+        out.append("|" + "|".join(" --- " if _is_text(t, i) else " ---: " for i in range(len(t.columns))) + "|")
         for r in t.rows:
             out.append("| " + " | ".join(format_cell(c).replace("|", "\\|") for c in r) + " |")
         out.append("")

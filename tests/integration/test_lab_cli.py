@@ -44,3 +44,13 @@ def test_an_unplanned_guest_exception_is_reported_by_vector(kvm) -> None:
         g.make_loop()
         with pytest.raises(LabError, match="unexpected exception vector 6"):
             run_until_done(g, done)
+
+
+def test_a_plot_directory_that_cannot_be_made_is_a_one_line_error(capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["lab", "isolation", "--quick", "--json", "--plot", str(blocker / "plots")]) == 1
+    err = capsys.readouterr().err
+    assert f"kvmpy: --plot {blocker / 'plots'}: Not a directory" in err
