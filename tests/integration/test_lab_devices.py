@@ -48,3 +48,9 @@ def test_in_kernel_devices_took_the_writes(result: LabResult) -> None:
     t = result.tables[0]
     assert t.row("port -> in-kernel PIT")["device saw"] == "PIT channel 0 mode 2, rw_mode 3"
     assert t.row("MMIO -> in-kernel LAPIC timer")["device saw"] == f"LAPIC TMICT {TMICT_VALUE:#x}"
+
+
+def test_plot_writes_the_labs_pngs(result: LabResult, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = LABS["devices"].plot(result, tmp_path)
+    assert paths and all(p.parent == tmp_path and p.read_bytes()[:4] == b"\x89PNG" for p in paths)

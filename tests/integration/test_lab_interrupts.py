@@ -42,3 +42,9 @@ def test_userspace_irqchip_costs_window_report_and_eoi_exits(result: LabResult) 
 
 def test_eoi_reaches_kvmpy_only_without_an_in_kernel_lapic(result: LabResult) -> None:
     assert result.series["eois"] == {"irqchip": 0, "userspace": result.series["count"]}
+
+
+def test_plot_writes_the_labs_pngs(result: LabResult, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = LABS["interrupts"].plot(result, tmp_path)
+    assert paths and all(p.parent == tmp_path and p.read_bytes()[:4] == b"\x89PNG" for p in paths)

@@ -51,3 +51,9 @@ def test_kvmpy_walk_and_kvm_translate_agree(result: LabResult) -> None:
     walk, kvm = t.row("+ offset (GVA bits 11..0)")["gives"], t.row("KVM_TRANSLATE")["gives"]
     assert walk == kvm and walk.startswith("GPA 0x")
     assert t.row("host byte at the page's HVA")["gives"] == 1  # the byte the guest wrote, read at the HVA
+
+
+def test_plot_writes_the_labs_pngs(result: LabResult, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = LABS["memory"].plot(result, tmp_path)
+    assert paths and all(p.parent == tmp_path and p.read_bytes()[:4] == b"\x89PNG" for p in paths)

@@ -72,3 +72,9 @@ def test_compute_loop_runs_at_both_levels(result: LabResult) -> None:
     assert t.column("where") == ["guest user mode (CPL3)", "guest kernel (CPL0)"]
     assert all(s > 0 for s in t.column("ns/iteration"))
     assert any(n.startswith("backend: ") for n in result.notes)
+
+
+def test_plot_writes_the_labs_pngs(result: LabResult, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = LABS["privilege"].plot(result, tmp_path)
+    assert paths and all(p.parent == tmp_path and p.read_bytes()[:4] == b"\x89PNG" for p in paths)
