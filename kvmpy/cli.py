@@ -3,6 +3,7 @@
     kvmpy run [--kernel K] [--initrd I] [--cmdline ...] [--mem 128M] [--cpus N]
     kvmpy build-guest
     kvmpy info
+    kvmpy lab [NAME] [--quick] [--json] [--plot DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .machine import (DEFAULT_CMDLINE, ConfigError, DiskConfig, Machine, Machine
 from .platform import detect_backend, resolve_quirks
 from . import kut
 from .stats import stat_cli
+from .lab import cli as lab_cli
 
 ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU)
 
@@ -86,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="show the KVM backend, quirks and key capabilities")
     stat_cli.add_parser(sub)
     kut.add_parser(sub)
+    lab_cli.add_parser(sub)
     return p
 
 
@@ -100,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return stat_cli.run(args)
         if args.command == "kvm-unit-tests":
             return kut.run(args)
+        if args.command == "lab":
+            return lab_cli.run(args)
         return cmd_info()
     except KvmError as e:  # every user error kvmpy finds is one of these: one line, status 1
         print(f"kvmpy: {e}", file=sys.stderr)

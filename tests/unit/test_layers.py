@@ -23,10 +23,11 @@ LAYERS: dict[str, int] = {
     "kvm": 1, "vm": 1, "vcpu": 1, "memory": 1, "exits": 1, "bus": 1, "runloop": 1,
     # the pieces of a machine
     "x86": 2, "boot": 2, "devices": 2, "stats": 2, "assists": 2, "net": 2, "disk": 2, "guest": 2,
+    "tiny": 2,
     # the assembly layer
     "machine": 3,
     # what is built on assembled machines (or on the fd layer directly)
-    "microvm": 4, "snapshot": 4, "sandbox": 4, "pool": 4, "kut": 4,
+    "microvm": 4, "snapshot": 4, "sandbox": 4, "pool": 4, "kut": 4, "lab": 4,
     # the command line
     "cli": 5,
 }
