@@ -241,11 +241,13 @@ class Vcpu:
         """KVM_GET_XSAVE: the 4 KiB XSAVE area."""
         return bytes(ffi.buffer(self._get("KVM_GET_XSAVE", "struct kvm_xsave *")))
 
-    def set_xsave(self, data: bytes) -> None:
-        """KVM_SET_XSAVE."""
-        x = ffi.new("struct kvm_xsave *")
-        ffi.buffer(x)[0:len(data)] = data
-        self._set("KVM_SET_XSAVE", x)
+    def set_xsave(self, data: bytes | Any) -> None:
+        """KVM_SET_XSAVE, from bytes or a `struct kvm_xsave *` (no copy)."""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            x = ffi.new("struct kvm_xsave *")
+            ffi.buffer(x)[0:len(data)] = data
+            data = x
+        self._set("KVM_SET_XSAVE", data)
 
     def set_guest_debug(self, control: int, debugreg: Iterable[int] = ()) -> None:
         """KVM_SET_GUEST_DEBUG: KVM_GUESTDBG_* flags (ENABLE, SINGLESTEP, USE_SW_BP, USE_HW_BP)."""

@@ -18,6 +18,7 @@ from .errors import CapabilityError, KvmError, KvmIoctlError
 from .memory import PAGE_SIZE, GuestMemory, MemoryRegion
 from .stats.api import vm_stats
 from .vcpu import Vcpu
+from .warm import Checkpoint, ResetStats
 
 MEM_LOG_DIRTY_PAGES = lib.KVM_MEM_LOG_DIRTY_PAGES
 MEM_READONLY = lib.KVM_MEM_READONLY
@@ -57,8 +58,10 @@ class Vm:
         self.vcpus: list[Vcpu] = []
         self.memory: list[GuestMemory] = []
         self.has_irqchip = False
+        self.has_pit = False
         self.dirty_ring_entries = 0  # per vCPU, once enable_dirty_ring succeeded
         self.dirty_tracker: DirtyTracker | None = None
+        self.last_checkpoint: Checkpoint | None = None
 
     # -- capabilities ------------------------------------------------------
 
@@ -170,6 +173,17 @@ class Vm:
             raise KvmError("dirty tracking is not started (Vm.start_dirty_tracking)")
         return self.dirty_tracker.collect()
 
+    def checkpoint(self, **options: Any) -> Checkpoint:
+        """Remember this VM's memory and state now; `reset()` returns to it (kvmpy.warm.Checkpoint)."""
+        self.last_checkpoint = Checkpoint(self, **options)
+        return self.last_checkpoint
+
+    def reset(self) -> ResetStats:
+        """Bring the VM back to its last `checkpoint()`: dirtied pages and all vCPU/irqchip state."""
+        if self.last_checkpoint is None:
+            raise KvmError("reset() needs a checkpoint() of this VM first")
+        return self.last_checkpoint.reset()
+
     # -- interrupt controllers and timers --------------------------------------
 
     def create_irqchip(self) -> None:
@@ -182,6 +196,7 @@ class Vm:
         cfg = ffi.new("struct kvm_pit_config *")
         cfg.flags = flags
         ioctl(self.fd, "KVM_CREATE_PIT2", cfg)
+        self.has_pit = True
 
     def set_tss_addr(self, addr: int = DEFAULT_TSS_ADDR) -> None:
         """KVM_SET_TSS_ADDR: three pages KVM may use for real mode on VT-x."""
@@ -354,6 +369,7 @@ class Vm:
             for r in self.dirty_tracker.regions:
                 r.dirty_log = False  # the memory may go to another VM
             self.dirty_tracker = None
+        self.last_checkpoint = None
         for v in self.vcpus:
             v.close()
         self.vcpus.clear()

@@ -1,0 +1,194 @@
+"""Warm reset: bring a used VM back to a checkpoint without building it again.
+
+    cp = vm.checkpoint()        # memory image, vCPU, irqchip, PIT, clock (and devices) now
+    ... run the guest ...
+    cp.reset()                  # the pages dirtied since, and the state, are as they were
+
+A checkpoint keeps a private copy of guest RAM and starts dirty tracking
+(`kvmpy.dirty`: the dirty ring where the VM enabled it, else the bitmap). A
+reset copies back only the pages the vCPUs dirtied since the checkpoint (or
+the last reset), plus those the VMM declared with `note_write` (KVM does not
+see writes through the VMM's own mapping), then restores per vCPU:
+
+- regs, sregs and vcpu events (pending/injected exception, interrupt, NMI,
+  interrupt shadow) through kvm_run's synced registers (KVM_CAP_SYNC_REGS:
+  KVM loads them at the next KVM_RUN, no ioctl), or the ioctls without it;
+- x87/SSE/AVX state with one KVM_SET_XSAVE (or KVM_SET_FPU: x87 and SSE only,
+  enough for a guest that cannot enable XSAVE);
+- the MSRs in `msrs` (syscall and sysenter entry points, FS/GS bases, PAT,
+  TSC_AUX by default; the TSC keeps counting), debug registers and XCRs;
+- with an in-kernel irqchip: LAPIC, MP state, both PICs and the IOAPIC; the
+  PIT and kvmclock when the VM has them; devices through their own
+  `snapshot_state()` / `restore_state()`.
+
+Why a copy and not a fresh MAP_PRIVATE mapping of a memfd: dropping pages
+(MADV_DONTNEED) makes every page the guest touches next fault in again, which
+on this project's shadow-paging backend is an exit each; copying the few
+dirty pages back keeps KVM's mappings (scripts/bench_microvm.py measures both).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from ._kvm import ffi, lib
+from .dirty import DirtyLogMode, pages_to_ranges
+from .errors import KvmError
+from .memory import PAGE_SIZE
+
+SYNC_REGS = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
+
+# MSRs a guest kernel changes and a reset must bring back (Intel SDM vol. 4).
+DEFAULT_MSRS: tuple[int, ...] = (
+    0x174, 0x175, 0x176,  # IA32_SYSENTER_CS / ESP / EIP
+    0x277,  # IA32_PAT
+    0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,  # STAR, LSTAR, CSTAR, SFMASK
+    0xC000_0100, 0xC000_0101, 0xC000_0102,  # FS_BASE, GS_BASE, KERNEL_GS_BASE
+    0xC000_0103,  # TSC_AUX
+)
+
+_EVENTS_RESTORE_FLAGS = (lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SHADOW
+                         | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR)
+
+
+@dataclass
+class ResetStats:
+    """What one `Checkpoint.reset` did."""
+
+    pages: int  # pages copied back
+    full: bool  # all of memory was copied (a dirty ring had overflowed)
+    seconds: float
+
+
+class _VcpuState:
+    """One vCPU's state at the checkpoint, as the cffi structs the restore hands KVM."""
+
+    def __init__(self, vcpu: Any, *, msrs: Sequence[int], fpu: str, irqchip: bool) -> None:
+        self.vcpu = vcpu
+        self.regs = vcpu.get_regs()
+        self.sregs = vcpu.get_sregs()
+        self.events = vcpu.get_vcpu_events()
+        self.events.flags |= _EVENTS_RESTORE_FLAGS  # so a restore also clears a pending NMI
+        self.fpu_kind = fpu
+        self.fpu = vcpu.get_fpu() if fpu == "fpu" else ffi.new("struct kvm_xsave *")
+        if fpu == "xsave":
+            ffi.buffer(self.fpu)[:] = vcpu.get_xsave()
+        self.msrs = vcpu.get_msrs(msrs) if msrs else {}
+        self.debugregs = vcpu.get_debugregs() if msrs else None
+        self.xcrs = vcpu.get_xcrs() if fpu == "xsave" else None
+        self.lapic = vcpu.get_lapic() if irqchip else None
+        self.mp_state = vcpu.get_mp_state() if irqchip else None
+        self.sync = vcpu.vm.check_extension(lib.KVM_CAP_SYNC_REGS) & SYNC_REGS == SYNC_REGS
+        if self.sync:
+            vcpu.run_struct.kvm_valid_regs |= SYNC_REGS
+
+    def restore(self) -> None:
+        vcpu = self.vcpu
+        if self.sync:
+            s = vcpu.run_struct.s.regs
+            s.regs = self.regs[0]
+            s.sregs = self.sregs[0]
+            s.events = self.events[0]
+            vcpu.run_struct.kvm_dirty_regs |= SYNC_REGS  # applied by KVM at the next KVM_RUN
+        else:
+            vcpu.set_sregs(self.sregs)
+            vcpu.set_regs(self.regs)
+            vcpu.set_vcpu_events(self.events)
+        if self.fpu_kind == "fpu":
+            vcpu.set_fpu(self.fpu)
+        else:
+            if self.xcrs:
+                vcpu.set_xcrs(self.xcrs)
+            vcpu.set_xsave(self.fpu)
+        if self.msrs:
+            vcpu.set_msrs(self.msrs)
+        if self.debugregs is not None:
+            vcpu.set_debugregs(self.debugregs)
+        if self.lapic is not None:
+            vcpu.set_lapic(self.lapic)
+            vcpu.set_mp_state(self.mp_state)
+
+
+class Checkpoint:
+    """The state of a `Vm` at one moment; `reset()` brings the VM back to it, as often as wanted.
+
+    Take it with the vCPUs stopped (not inside KVM_RUN); reset likewise.
+    `msrs=()` skips MSRs and debug registers (sound only for guests that run
+    no CPL0 code of their own); `fpu="fpu"` restores x87/SSE only (sound for
+    a guest with CR4.OSXSAVE clear, which cannot touch the other components).
+    """
+
+    def __init__(self, vm: Any, *, msrs: Sequence[int] = DEFAULT_MSRS, fpu: str | None = None,
+                 devices: Iterable[Any] = (), dirty_mode: DirtyLogMode | str | None = None) -> None:
+        if not vm.vcpus:
+            raise KvmError("a checkpoint needs the VM's vCPUs: create them first")
+        if fpu is None:
+            fpu = "xsave" if vm.check_extension(lib.KVM_CAP_XSAVE) else "fpu"
+        if fpu not in ("xsave", "fpu"):
+            raise ValueError(f"fpu {fpu!r}: must be 'xsave' or 'fpu'")
+        self.vm = vm
+        self.devices = list(devices)
+        tracker = vm.dirty_tracker
+        if tracker is None or not tracker.active:
+            tracker = vm.start_dirty_tracking(dirty_mode)
+        self.tracker = tracker
+        tracker.collect()  # writes before this moment belong to the image
+        self.regions = {r.slot: r for r in tracker.regions}
+        self.image = {slot: bytes(r.view) for slot, r in self.regions.items()}
+        self._noted: dict[int, set[int]] = {}
+        self.vcpus = [_VcpuState(v, msrs=msrs, fpu=fpu, irqchip=vm.has_irqchip) for v in vm.vcpus]
+        self.irqchips = [vm.get_irqchip(c) for c in range(3)] if vm.has_irqchip else []
+        self.pit = vm.get_pit2() if getattr(vm, "has_pit", False) else None
+        self.clock = vm.get_clock() if vm.has_irqchip else None
+        self.device_states = [d.snapshot_state() for d in self.devices]
+        self.resets = 0
+
+    def note_write(self, gpa: int, size: int) -> None:
+        """The VMM wrote [gpa, gpa+size) through its own mapping: restore those pages at the next reset."""
+        for slot, r in self.regions.items():
+            lo, hi = max(gpa, r.gpa), min(gpa + size, r.end)
+            if lo < hi:
+                self._noted.setdefault(slot, set()).update(
+                    range((lo - r.gpa) // PAGE_SIZE, (hi - 1 - r.gpa) // PAGE_SIZE + 1))
+
+    def reset(self) -> ResetStats:
+        """Copy back the pages dirtied since the checkpoint (or the last reset) and restore all state."""
+        t0 = time.perf_counter()
+        dirty = self.tracker.collect()
+        full = self.tracker.lost
+        copied = 0
+        for slot, region in self.regions.items():
+            image = self.image[slot]
+            view = region.view
+            if full:
+                view[:] = image
+                copied += region.size // PAGE_SIZE
+                continue
+            pages = dirty.get(slot, [])
+            noted = self._noted.get(slot)
+            if noted:
+                pages = sorted(noted.union(pages))
+            for first, count in pages_to_ranges(pages):
+                a, b = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+                view[a:b] = image[a:b]
+            copied += len(pages)
+        self.tracker.lost = False
+        self._noted.clear()
+        for v in self.vcpus:
+            v.restore()
+        vm = self.vm
+        for chip in self.irqchips:
+            vm.set_irqchip(chip)
+        if self.pit is not None:
+            vm.set_pit2(self.pit)
+        if self.clock is not None:
+            vm.set_clock(self.clock.clock)
+        for d, s in zip(self.devices, self.device_states):
+            d.restore_state(s)
+        self.resets += 1
+        return ResetStats(copied, full, time.perf_counter() - t0)
+
+
+__all__ = ["Checkpoint", "DEFAULT_MSRS", "ResetStats", "SYNC_REGS"]
