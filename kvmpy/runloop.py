@@ -52,6 +52,11 @@ class VcpuLoop:
         self._stop.set()
         self.vcpu.kick()
 
+    def rearm(self) -> None:
+        """Forget an earlier `stop()`, so `run()` can be called again (a reused vCPU)."""
+        self._stop.clear()
+        self.vcpu.run_struct.immediate_exit = 0  # the kick of the stop, never consumed by a KVM_RUN
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -72,7 +77,8 @@ class VcpuLoop:
         else:
             run_raw = vcpu.run_raw
         hook = acct.after_exit if acct.per_exit_hook else None
-        if self._stop.is_set():
+        stopped = self._stop.is_set
+        if stopped():
             return IntrExit(_INTR)
         while True:
             reason = run_raw()
@@ -87,6 +93,8 @@ class VcpuLoop:
                 else:
                     for i in range(off, off + size * count, size):
                         page[i:i + size] = pio_read(port, size).to_bytes(size, "little")
+                if stopped():  # a device asked to stop: no KVM_RUN just to see the kick
+                    return IntrExit(_INTR)
                 continue
             if reason == _MMIO:
                 m = run.mmio
@@ -98,6 +106,8 @@ class VcpuLoop:
                     value = mmio_read(addr, size)
                     for i in range(size):
                         m.data[i] = (value >> (8 * i)) & 0xFF
+                if stopped():
+                    return IntrExit(_INTR)
                 continue
             if reason == _INTR:
                 if self._stop.is_set():

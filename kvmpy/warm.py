@@ -49,6 +49,10 @@ DEFAULT_MSRS: tuple[int, ...] = (
     0xC000_0103,  # TSC_AUX
 )
 
+_SYNC_REGS_EVENTS = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_EVENTS
+_REGS_SIZE = ffi.sizeof("struct kvm_regs")
+_SREGS_SIZE = ffi.sizeof("struct kvm_sregs")
+_EVENTS_SIZE = ffi.sizeof("struct kvm_vcpu_events")
 _EVENTS_RESTORE_FLAGS = (lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SHADOW
                          | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR)
 
@@ -65,33 +69,46 @@ class ResetStats:
 class _VcpuState:
     """One vCPU's state at the checkpoint, as the cffi structs the restore hands KVM."""
 
-    def __init__(self, vcpu: Any, *, msrs: Sequence[int], fpu: str, irqchip: bool) -> None:
+    def __init__(self, vcpu: Any, *, msrs: Sequence[int], fpu: str, irqchip: bool, system: bool) -> None:
         self.vcpu = vcpu
         self.regs = vcpu.get_regs()
         self.sregs = vcpu.get_sregs()
+        self.sregs_bytes = bytes(ffi.buffer(self.sregs))
         self.events = vcpu.get_vcpu_events()
         self.events.flags |= _EVENTS_RESTORE_FLAGS  # so a restore also clears a pending NMI
         self.fpu_kind = fpu
         self.fpu = vcpu.get_fpu() if fpu == "fpu" else ffi.new("struct kvm_xsave *")
         if fpu == "xsave":
             ffi.buffer(self.fpu)[:] = vcpu.get_xsave()
-        self.msrs = vcpu.get_msrs(msrs) if msrs else {}
-        self.debugregs = vcpu.get_debugregs() if msrs else None
-        self.xcrs = vcpu.get_xcrs() if fpu == "xsave" else None
+        self.msrs = vcpu.get_msrs(msrs) if system and msrs else {}
+        self.debugregs = vcpu.get_debugregs() if system else None
+        self.xcrs = vcpu.get_xcrs() if system and fpu == "xsave" else None
         self.lapic = vcpu.get_lapic() if irqchip else None
         self.mp_state = vcpu.get_mp_state() if irqchip else None
         self.sync = vcpu.vm.check_extension(lib.KVM_CAP_SYNC_REGS) & SYNC_REGS == SYNC_REGS
         if self.sync:
-            vcpu.run_struct.kvm_valid_regs |= SYNC_REGS
+            run = vcpu.run_struct
+            run.kvm_valid_regs |= SYNC_REGS
+            s = run.s.regs
+            # kvm_run stays mapped at one place: resolve its fields once, not per reset.
+            self._run = run
+            self._dst_regs = ffi.addressof(s, "regs")
+            self._dst_events = ffi.addressof(s, "events")
+            self._dst_sregs = ffi.addressof(s, "sregs")
+            self._cur_sregs = ffi.buffer(self._dst_sregs, _SREGS_SIZE)
 
     def restore(self) -> None:
         vcpu = self.vcpu
         if self.sync:
-            s = vcpu.run_struct.s.regs
-            s.regs = self.regs[0]
-            s.sregs = self.sregs[0]
-            s.events = self.events[0]
-            vcpu.run_struct.kvm_dirty_regs |= SYNC_REGS  # applied by KVM at the next KVM_RUN
+            dirty = _SYNC_REGS_EVENTS
+            ffi.memmove(self._dst_regs, self.regs, _REGS_SIZE)
+            ffi.memmove(self._dst_events, self.events, _EVENTS_SIZE)
+            # KVM stored the current sregs at the exit: load them only when they differ (a CPL3
+            # guest rarely changes one), sparing KVM the segment and control-register checks.
+            if self._cur_sregs[:] != self.sregs_bytes:
+                ffi.memmove(self._dst_sregs, self.sregs, _SREGS_SIZE)
+                dirty |= lib.KVM_SYNC_X86_SREGS
+            self._run.kvm_dirty_regs |= dirty  # applied by KVM at the next KVM_RUN
         else:
             vcpu.set_sregs(self.sregs)
             vcpu.set_regs(self.regs)
@@ -115,13 +132,16 @@ class Checkpoint:
     """The state of a `Vm` at one moment; `reset()` brings the VM back to it, as often as wanted.
 
     Take it with the vCPUs stopped (not inside KVM_RUN); reset likewise.
-    `msrs=()` skips MSRs and debug registers (sound only for guests that run
-    no CPL0 code of their own); `fpu="fpu"` restores x87/SSE only (sound for
-    a guest with CR4.OSXSAVE clear, which cannot touch the other components).
+    `system=False` skips what only CPL0 code can change (MSRs, debug
+    registers, XCRs): sound for a guest whose own code all runs at CPL3, and
+    two to three ioctls cheaper. `fpu="fpu"` restores x87/SSE with
+    KVM_SET_FPU instead of KVM_SET_XSAVE (on this project's PVM backend
+    KVM_SET_FPU does not reach the guest: use the default there).
     """
 
-    def __init__(self, vm: Any, *, msrs: Sequence[int] = DEFAULT_MSRS, fpu: str | None = None,
-                 devices: Iterable[Any] = (), dirty_mode: DirtyLogMode | str | None = None) -> None:
+    def __init__(self, vm: Any, *, msrs: Sequence[int] = DEFAULT_MSRS, system: bool = True,
+                 fpu: str | None = None, devices: Iterable[Any] = (),
+                 dirty_mode: DirtyLogMode | str | None = None) -> None:
         if not vm.vcpus:
             raise KvmError("a checkpoint needs the VM's vCPUs: create them first")
         if fpu is None:
@@ -138,7 +158,8 @@ class Checkpoint:
         self.regions = {r.slot: r for r in tracker.regions}
         self.image = {slot: bytes(r.view) for slot, r in self.regions.items()}
         self._noted: dict[int, set[int]] = {}
-        self.vcpus = [_VcpuState(v, msrs=msrs, fpu=fpu, irqchip=vm.has_irqchip) for v in vm.vcpus]
+        self.vcpus = [_VcpuState(v, msrs=msrs, fpu=fpu, irqchip=vm.has_irqchip, system=system)
+                      for v in vm.vcpus]
         self.irqchips = [vm.get_irqchip(c) for c in range(3)] if vm.has_irqchip else []
         self.pit = vm.get_pit2() if getattr(vm, "has_pit", False) else None
         self.clock = vm.get_clock() if vm.has_irqchip else None
