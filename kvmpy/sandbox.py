@@ -285,6 +285,29 @@ _TRAMPOLINE = f"""
     jmp .
 """
 
+PROLOGUE_ADDR = TRAMPOLINE_ADDR + 0x40
+
+# Where a call starts, at CPL3: null data selectors, then the payload. KVM_SET_SREGS
+# should be enough; on this project's PVM backend native CPL3 code keeps the selectors
+# the previous call loaded (measured by tests/integration/test_warm_sandbox.py).
+_PROLOGUE = """
+    xor %eax, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %fs
+    mov %eax, %gs
+    jmp {entry:#x}
+"""
+_prologues: dict[int, bytes] = {}
+
+
+def _prologue(entry: int) -> bytes:
+    code = _prologues.get(entry)
+    if code is None:
+        code = _prologues[entry] = assemble(_PROLOGUE.format(entry=entry), "64", PROLOGUE_ADDR)
+    return code
+
+
 _low_images: dict[int, bytes] = {}
 _low_lock = threading.Lock()
 
@@ -532,6 +555,7 @@ def _load_static(fn: GuestFunction, mem: GuestMemory) -> None:
     """What every call of `fn` starts with: tables, stubs, trampoline, image, return address, entry frame."""
     mem.write(0, _low_image(fn.memory))
     mem.write(TRAMPOLINE_ADDR, _trampoline())
+    mem.write(PROLOGUE_ADDR, _prologue(fn.image.entry))
     for seg in fn.image.segments:
         mem.write(seg.vaddr, seg.data)
     # The function returns to the trampoline, which reports rax.
@@ -587,7 +611,7 @@ def _setup_cpu(fn: GuestFunction, vcpu: Any, mem: GuestMemory, values: list[int]
     r = vcpu.get_regs()
     for name, v in zip(_ARG_REGS, values):
         setattr(r, name, v)
-    r.rip, r.rsp, r.rflags = fn.image.entry, fn.memory - 8, modes.RFLAGS_RESERVED  # IOPL 0, IF 0
+    r.rip, r.rsp, r.rflags = PROLOGUE_ADDR, fn.memory - 8, modes.RFLAGS_RESERVED  # IOPL 0, IF 0
     vcpu.set_regs(r)
     # Every exit leaves regs and sregs in kvm_run: the report checks read them without an ioctl.
     vcpu.run_struct.kvm_valid_regs |= SYNC_REGS
