@@ -72,7 +72,7 @@ from .dirty import DEFAULT_RING_ENTRIES, DirtyLogMode, ring_capability
 from .errors import GuestMemoryError, KvmError
 from .exits import Exit, IntrExit, ShutdownExit
 from .kvm import Kvm
-from .memory import PAGE_SIZE, GuestMemory, parse_size
+from .memory import GuestMemory, parse_size
 from .runloop import VcpuLoop
 from .warm import SYNC_REGS, Checkpoint
 from .x86 import modes

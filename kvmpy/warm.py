@@ -212,4 +212,4 @@ class Checkpoint:
         return ResetStats(copied, full, time.perf_counter() - t0)
 
 
-__all__ = ["Checkpoint", "DEFAULT_MSRS", "ResetStats", "SYNC_REGS"]
+__all__ = ["DEFAULT_MSRS", "SYNC_REGS", "Checkpoint", "ResetStats"]
