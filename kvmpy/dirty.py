@@ -135,8 +135,19 @@ class DirtyTracker:
         self.active = True
         return self
 
-    def collect(self) -> dict[int, list[int]]:
-        """{slot: sorted page indexes within the slot} written since the last collect; re-arms tracking."""
+    @property
+    def can_leave_writable(self) -> bool:
+        """Whether `collect(leave_writable=...)` is honoured (bitmap with manual protect only)."""
+        return self.manual_protect
+
+    def collect(self, leave_writable: dict[int, set[int]] | None = None) -> dict[int, list[int]]:
+        """{slot: sorted page indexes within the slot} written since the last collect; re-arms tracking.
+
+        `leave_writable` ({slot: pages}, bitmap with manual protect only): of
+        the pages reported, these are not cleared (KVM_CLEAR_DIRTY_LOG) and so
+        not write-protected again: the guest writes them without a fault, and
+        they are reported by every collect from now on.
+        """
         if not self.active:
             raise KvmError("dirty tracking is not started")
         if self.mode is DirtyLogMode.RING:
@@ -145,7 +156,8 @@ class DirtyTracker:
             if self._harvest(pages):
                 self.vm.reset_dirty_rings()
             return {slot: sorted(p) for slot, p in sorted(pages.items())}
-        return {r.slot: self._collect_bitmap(r) for r in self.regions}
+        keep = leave_writable if self.manual_protect and leave_writable else {}
+        return {r.slot: self._collect_bitmap(r, keep.get(r.slot)) for r in self.regions}
 
     def _harvest(self, into: dict[int, set[int]]) -> int:
         total = 0
@@ -156,7 +168,7 @@ class DirtyTracker:
                 self.lost |= ring.full
         return total
 
-    def _collect_bitmap(self, region: Any) -> list[int]:
+    def _collect_bitmap(self, region: Any, keep: set[int] | None = None) -> list[int]:
         bitmap = self._bitmaps[region.slot]
         self.vm.get_dirty_bitmap(region.slot, bitmap)
         raw = ffi.buffer(bitmap)
@@ -164,7 +176,13 @@ class DirtyTracker:
         if not bits:
             return []
         if self.manual_protect:
-            self.vm.clear_dirty_log(region.slot, 0, region.size // PAGE_SIZE, bitmap)
+            protect = bits
+            for p in keep or ():
+                protect &= ~(1 << p)
+            if protect:
+                if protect != bits:
+                    raw[:] = protect.to_bytes(len(raw), "little")
+                self.vm.clear_dirty_log(region.slot, 0, region.size // PAGE_SIZE, bitmap)
         pages = []
         while bits:
             low = bits & -bits

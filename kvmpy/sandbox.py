@@ -520,8 +520,9 @@ class _WarmVm:
             _load_static(fn, mem)
             vm.add_memory(mem)
             mode = fn.dirty_mode
-            if mode is None:
-                mode = DirtyLogMode.RING if ring_capability(vm) else DirtyLogMode.BITMAP
+            if mode is None:  # the bitmap can leave hot pages writable; the ring cannot
+                manual = vm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) > 0
+                mode = DirtyLogMode.RING if ring_capability(vm) and not manual else DirtyLogMode.BITMAP
             if mode is DirtyLogMode.RING:
                 vm.enable_dirty_ring(DEFAULT_RING_ENTRIES)
             self.vcpu = vcpu = vm.create_vcpu(0)

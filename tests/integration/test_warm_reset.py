@@ -60,6 +60,17 @@ def test_reset_restores_every_page_the_guest_and_the_host_wrote(guest, mode):
     assert stats.pages >= 41 and not stats.full
 
 
+def test_hot_pages_stay_writable_and_are_restored(guest):
+    g = _guest(guest, DirtyLogMode.BITMAP)
+    cp = g.vm.checkpoint(dirty_mode=DirtyLogMode.BITMAP)
+    before = _ram(g)
+    for _ in range(4):
+        g.run()
+        g.vm.reset()
+        assert _ram(g) == before
+    assert cp.tracker.manual_protect and sum(len(p) for p in cp.hot.values()) >= 40
+
+
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 def test_guest_runs_again_from_the_checkpoint_with_its_registers(guest, mode):
     g = _guest(guest, mode)
