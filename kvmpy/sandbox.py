@@ -538,7 +538,7 @@ class _WarmVm:
             handlers = {}
             if mode is DirtyLogMode.RING:
                 handlers[lib.KVM_EXIT_DIRTY_RING_FULL] = self.checkpoint.tracker.on_ring_full
-            self.loop = VcpuLoop(vcpu, pio, mmio, handlers=handlers)
+            self.loop = VcpuLoop(vcpu, pio, mmio, handlers=handlers, complete_io_on_stop=False)
             self.checkpoint.reset()  # primes kvm_run's synced registers for the first call
         except BaseException:
             self.close()
@@ -656,7 +656,7 @@ class _Run:
             pio, mmio = pio_bus(), mmio_bus()
             pio.register(FAULT_PORT_BASE, HOSTCALL_PORT - FAULT_PORT_BASE + 1, _Hostcalls(self), "sandbox")
             mmio.register(DOORBELL_ADDR, 8, _Doorbell(self), "sandbox doorbell")
-            self.loop = VcpuLoop(vcpu, pio, mmio)
+            self.loop = VcpuLoop(vcpu, pio, mmio, complete_io_on_stop=False)  # the VM is closed after
             exit = self._run_loop()
             return self._outcome(vcpu, exit, time.perf_counter() - t0)
         finally:
