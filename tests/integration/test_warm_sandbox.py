@@ -269,3 +269,21 @@ def test_warm_calls_from_two_threads_use_a_vm_each():
         t.start()
         t.join()
         assert fn.warm_vms_built == 2 and seen[0] == before
+
+
+WRITER = ("long guest_main(long n) { volatile char *p = (char *)0x400000; "
+          "for (long i = 0; i < n; i++) p[i * 4096] = 1; return n; }")
+
+
+def test_a_full_dirty_ring_at_cpl3_exits_and_loses_no_page():
+    # 6000 pages through a 4096-entry ring: KVM exits at the soft limit, the loop harvests and goes on.
+    with GuestFunction(WRITER, memory="32M", warm=True, dirty_mode=DirtyLogMode.RING, timeout=30.0) as fn:
+        fn(1)
+        warm = next(iter(fn._warm_vms.values()))
+        cp, resets = warm.checkpoint, []
+        reset = cp.reset
+        cp.reset = lambda: resets.append(reset())
+        assert fn(6000) == 6000
+        assert cp.tracker.ring_full_exits >= 1 and not resets[-1].full
+        assert resets[-1].pages >= 6000
+        assert bytes(warm.mem.view(0x400000, 6000 * 4096)) == cp.image[0][0x400000:0x400000 + 6000 * 4096]
