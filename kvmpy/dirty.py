@@ -212,16 +212,4 @@ class DirtyTracker:
         self._pending.clear()
 
 
-def pages_to_ranges(pages: list[int]) -> list[tuple[int, int]]:
-    """[3, 4, 5, 9] -> [(3, 3), (9, 1)]: (first page, count) runs, for copying whole runs at once."""
-    runs: list[tuple[int, int]] = []
-    for p in pages:
-        if runs and runs[-1][0] + runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((p, 1))
-    return runs
-
-
-__all__ = ["DEFAULT_RING_ENTRIES", "DirtyLogMode", "DirtyRing", "DirtyTracker", "pages_to_ranges",
-           "ring_capability"]
+__all__ = ["DEFAULT_RING_ENTRIES", "DirtyLogMode", "DirtyRing", "DirtyTracker", "ring_capability"]

@@ -206,7 +206,7 @@ def test_fault_frame_on_the_kernel_stack_is_restored_too():
         image = warm.checkpoint.image[0]
         with pytest.raises(GuestFault, match="#UD"):
             fn.run(LEAVE_FAULT, KEY, MEMORY)
-        assert bytes(warm.mem.view(0, 0x80000)) == image[:0x80000]  # supervisor memory as checkpointed
+        assert bytes(warm.mem.view(0, 0x80000)) == image.read(0, 0x80000)  # supervisor memory as checkpointed
 
 
 def test_avx_state_does_not_survive_a_call():
@@ -286,4 +286,4 @@ def test_a_full_dirty_ring_at_cpl3_exits_and_loses_no_page():
         assert fn(6000) == 6000
         assert cp.tracker.ring_full_exits >= 1 and not resets[-1].full
         assert resets[-1].pages >= 6000
-        assert bytes(warm.mem.view(0x400000, 6000 * 4096)) == cp.image[0][0x400000:0x400000 + 6000 * 4096]
+        assert bytes(warm.mem.view(0x400000, 6000 * 4096)) == cp.image[0].read(0x400000, 6000 * 4096)
