@@ -83,9 +83,11 @@ class RegionImage:
 
     def __init__(self, view: memoryview) -> None:
         self.size = len(view)
-        whole = bytes(view)  # one pass over the mapping; bytes slices compare with memcmp
-        self.pages = {i: whole[a:a + PAGE_SIZE] for i, a in enumerate(range(0, self.size, PAGE_SIZE))
-                      if whole[a:a + PAGE_SIZE] != _ZERO_PAGE}
+        self.pages: dict[int, bytes] = {}
+        for i, a in enumerate(range(0, self.size, PAGE_SIZE)):
+            page = bytes(view[a:a + PAGE_SIZE])  # page by page: no temporary copy of all of RAM
+            if page != _ZERO_PAGE:
+                self.pages[i] = page
 
     def page(self, index: int) -> bytes:
         return self.pages.get(index, _ZERO_PAGE)

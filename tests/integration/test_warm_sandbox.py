@@ -287,3 +287,27 @@ def test_a_full_dirty_ring_at_cpl3_exits_and_loses_no_page():
         assert cp.tracker.ring_full_exits >= 1 and not resets[-1].full
         assert resets[-1].pages >= 6000
         assert bytes(warm.mem.view(0x400000, 6000 * 4096)) == cp.image[0].read(0x400000, 6000 * 4096)
+
+
+def test_close_frees_every_warm_vm():
+    import threading
+
+    from kvmpy.pool import ResourceSnapshot
+
+    fn = GuestFunction("long guest_main(long x) { return x + 1; }", warm=True)
+    fn(1)  # compiled and the shared /dev/kvm handle opened before the baseline
+    fn.close()
+    before = ResourceSnapshot.take()
+    threads = [threading.Thread(target=lambda: [fn(i) for i in range(5)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fn.warm_vms_built == 5  # one per thread that called it (and the first)
+    image = sum(len(img.pages) for w in fn._warm_vms.values() for img in w.checkpoint.image.values())
+    assert image <= 4 * 64  # each warm VM keeps its non-zero pages only: well under 1 MiB each
+    fn.close()
+    # fds and kvm_run mappings must be exactly back; the address-space slack covers glibc's
+    # malloc arenas of the four new threads (64 MiB each); TAP devices are other tests' business.
+    leaks = ResourceSnapshot.take().leaks_since(before, address_space_slack=512 << 20)
+    assert [line for line in leaks if "network interfaces" not in line] == []
