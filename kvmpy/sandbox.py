@@ -9,12 +9,13 @@ machine code. Each call gets a VM of its own: memory, one vCPU, nothing
 else, all closed in a ``finally`` whatever the guest did.
 
 The payload runs at guest CPL3 (user mode), where guest code runs natively
-on every backend, including this project's software one. The only CPL0 code
-is a one-instruction stub (``iretq``) that enters it, and the exception
-handlers, which just report the vector to the host. RFLAGS.IOPL is 0, so
-the payload cannot do port I/O itself: its host call (``out`` to 0xE0)
-raises #GP, the CPL0 #GP handler reports that, and the host answers it
-after checking the faulting instruction is exactly that ``out``.
+on every backend, including this project's software one. KVM_RUN enters it
+at CPL3 directly (through a prologue that loads null data selectors); the
+only CPL0 code is the exception handlers, which just report the vector to
+the host. RFLAGS.IOPL is 0, so the payload cannot do port I/O itself: an
+``out`` to 0xE0 (the old host-call form) raises #GP, the CPL0 #GP handler
+reports that, and the host answers it after checking the faulting
+instruction is exactly that ``out``.
 
 The host believes a report only when it comes from the stub (the sandbox
 ABI cannot be forged from the payload): the exit must be at CPL0, at the
@@ -26,10 +27,12 @@ Guest-physical (= virtual, identity-mapped with 2 MiB pages) layout:
 
     0x000000-0x1fffff  supervisor only: GDT 0x500, IDT 0x1000, TSS 0x2000,
                        stubs 0x3000, page tables 0x9000, kernel stack to 0x80000
-    0x200000           the ABI block (kvmpy_guest.h), return trampoline at +0x800
+    0x200000           the ABI block (kvmpy_guest.h), return trampoline at +0x800,
+                       entry prologue at +0x840
     0x201000           the image (.text .rodata .data .bss), then the heap
                        (byte arguments first), then the stack down from the top
     memory limit       nothing mapped: any access is a page fault
+    0xc0000000         the doorbell: a user 2 MiB page backed by no memory slot
 
 Host-call ABI: the guest writes arguments to the ABI block and stores the
 call's number to the doorbell, a user page at DOORBELL_ADDR (3 GiB) that
@@ -86,7 +89,6 @@ ABI_ADDR = 0x200000
 TRAMPOLINE_ADDR = ABI_ADDR + 0x800
 IMAGE_BASE = 0x201000
 STUB_ADDR = 0x3000  # fault handlers: 16 bytes per vector
-ENTER_STUB_ADDR = STUB_ADDR + 32 * 16  # `iretq` into the payload
 KSTACK_TOP = 0x80000
 HOSTCALL_PORT = 0xE0
 DOORBELL_ADDR = 0xC000_0000  # GVA = GPA; in the page tables (user, 2 MiB), in no memory slot
@@ -275,7 +277,6 @@ def _stub_code() -> bytes:
         # it, and the handler returns to the payload.
         tail = "add $8, %rsp\n iretq" if v == GP_VECTOR else "hlt\n jmp ."
         lines.append(f".org {v * 16}\n out %al, ${FAULT_PORT_BASE + v}\n {tail}")
-    lines.append(f".org {32 * 16}\n iretq")
     return assemble("\n".join(lines), "64", STUB_ADDR)
 
 
