@@ -52,7 +52,7 @@ KVM_GET_MSRS KVM_SET_MSRS KVM_SET_CPUID2 KVM_GET_CPUID2 KVM_GET_LAPIC KVM_SET_LA
 KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS KVM_GET_MP_STATE KVM_SET_MP_STATE
 KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS KVM_GET_XCRS KVM_SET_XCRS KVM_GET_XSAVE KVM_SET_XSAVE
 KVM_GET_XSAVE2 KVM_SET_GUEST_DEBUG KVM_NMI KVM_TRANSLATE KVM_INTERRUPT KVM_KVMCLOCK_CTRL
-KVM_SET_SIGNAL_MASK KVM_GET_TSC_KHZ KVM_SET_TSC_KHZ
+KVM_SET_SIGNAL_MASK KVM_GET_TSC_KHZ KVM_SET_TSC_KHZ KVM_RESET_DIRTY_RINGS
 VHOST_GET_FEATURES VHOST_SET_FEATURES VHOST_SET_OWNER VHOST_RESET_OWNER VHOST_SET_MEM_TABLE
 VHOST_SET_VRING_NUM VHOST_SET_VRING_ADDR VHOST_SET_VRING_BASE VHOST_GET_VRING_BASE
 VHOST_SET_VRING_KICK VHOST_SET_VRING_CALL VHOST_SET_VRING_ERR
@@ -132,6 +132,9 @@ struct kvm_userspace_memory_region {
 };
 struct kvm_dirty_log { __u32 slot; void *dirty_bitmap; ...; };
 struct kvm_clear_dirty_log { __u32 slot; __u32 num_pages; __u64 first_page; void *dirty_bitmap; ...; };
+struct kvm_dirty_gfn { __u32 flags; __u32 slot; __u64 offset; };
+#define KVM_DIRTY_GFN_F_DIRTY ...
+#define KVM_DIRTY_GFN_F_RESET ...
 struct kvm_pic_state { __u8 irr, imr, isr, irq_base, elcr; ...; };
 typedef struct { __u64 bits; ...; } kvm_ioapic_redir_t;
 struct kvm_ioapic_state {
@@ -274,6 +277,8 @@ int kvmpy_run_acct(struct kvmpy_acct *a);
 void kvmpy_acct_count_port(struct kvmpy_acct *a, uint32_t key);
 int kvmpy_install_kick_handler(int signo);
 int kvmpy_sigrtmin(void);
+uint32_t kvmpy_harvest_dirty_ring(struct kvm_dirty_gfn *ring, uint32_t entries, uint32_t *fetch,
+                                  uint64_t *out, uint32_t max_out);
 """
 
 C_SOURCE = r"""
@@ -425,6 +430,26 @@ static int kvmpy_install_kick_handler(int signo)
 }
 
 static int kvmpy_sigrtmin(void) { return SIGRTMIN; }
+
+/* Harvest a vCPU's dirty ring (KVM API doc, KVM_CAP_DIRTY_LOG_RING): from
+   *fetch on, every entry KVM published (DIRTY, read with acquire) becomes
+   out[i] = slot << 32 | page offset and is handed back (RESET, stored with
+   release) for KVM_RESET_DIRTY_RINGS. Stops at the first unpublished entry
+   or when out is full; returns the number harvested. */
+static uint32_t kvmpy_harvest_dirty_ring(struct kvm_dirty_gfn *ring, uint32_t entries, uint32_t *fetch,
+                                         uint64_t *out, uint32_t max_out)
+{
+    uint32_t n = 0;
+    while (n < max_out) {
+        struct kvm_dirty_gfn *e = &ring[*fetch & (entries - 1)];
+        if (!(__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & KVM_DIRTY_GFN_F_DIRTY))
+            break;
+        out[n++] = (uint64_t)e->slot << 32 | (e->offset & 0xffffffffu);
+        __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        (*fetch)++;
+    }
+    return n;
+}
 """
 
 

@@ -130,13 +130,14 @@ def write_ivt(mem: GuestMemory, idt: Mapping[int, int]) -> None:
 def tiny_guest(kvm: Kvm, mode: str, source: str, *, idt: Mapping[int, int] | None = None,
                irqchip: bool = False, port_base: int = 0x10, extra_regions: Mapping[str, dict] | None = None,
                stack: int = 0x7000, setup_memory: Callable[[GuestMemory], None] | None = None,
-               vcpu_id: int | None = None) -> Guest:
+               vcpu_id: int | None = None, dirty_ring: int = 0) -> Guest:
     """Build a one-vCPU guest running `source` in `mode` ("16", "32" or "64").
 
     `extra_regions` = {name: GuestMemory.add_region keyword arguments} adds
     slots (e.g. read-only or dirty-logged ones) before KVM sees the memory;
     `setup_memory(mem)` runs after the mode's tables are written and before
-    the first KVM_RUN (to edit page tables, preload data, ...).
+    the first KVM_RUN (to edit page tables, preload data, ...). `dirty_ring`
+    entries per vCPU enable the dirty ring before the vCPU exists.
     """
     entry = entry_for(mode)
     code = assemble(source, mode, entry)
@@ -150,6 +151,8 @@ def tiny_guest(kvm: Kvm, mode: str, source: str, *, idt: Mapping[int, int] | Non
             vm.create_irqchip()
         vm.add_memory(mem)
         mem.write(entry, code)
+        if dirty_ring:
+            vm.enable_dirty_ring(dirty_ring)
         vcpu = vm.create_vcpu(vcpu_id)
         # On a hardware host the guest sees only the CPUID table it is given.
         vcpu.set_cpuid2(kvm.get_supported_cpuid())

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
 from .blobs import from_blob, to_blob
+from .dirty import DirtyRing
 from .errors import KvmError, KvmIoctlError
 from .exits import Exit, IntrExit, decode
 
@@ -66,6 +67,7 @@ class Vcpu:
         self._buffer = ffi.from_buffer(self._page)
         self.run_struct = ffi.cast("struct kvm_run *", self._buffer)
         self.thread_ident: int | None = None
+        self.dirty_ring: DirtyRing | None = None
         _install_kick_handler()
 
     # -- running -------------------------------------------------------------
@@ -265,11 +267,13 @@ class Vcpu:
         """KVM_GET_XSAVE: the 4 KiB XSAVE area."""
         return bytes(ffi.buffer(self._get("KVM_GET_XSAVE", "struct kvm_xsave *")))
 
-    def set_xsave(self, data: bytes) -> None:
-        """KVM_SET_XSAVE."""
-        x = ffi.new("struct kvm_xsave *")
-        ffi.buffer(x)[0:len(data)] = data
-        self._set("KVM_SET_XSAVE", x)
+    def set_xsave(self, data: bytes | Any) -> None:
+        """KVM_SET_XSAVE, from bytes or a `struct kvm_xsave *` (no copy)."""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            x = ffi.new("struct kvm_xsave *")
+            ffi.buffer(x)[0:len(data)] = data
+            data = x
+        self._set("KVM_SET_XSAVE", data)
 
     def set_guest_debug(self, control: int, debugreg: Iterable[int] = ()) -> None:
         """KVM_SET_GUEST_DEBUG: KVM_GUESTDBG_* flags (ENABLE, SINGLESTEP, USE_SW_BP, USE_HW_BP)."""
@@ -375,9 +379,23 @@ class Vcpu:
             return "long64" if s.cs.l else "compat"
         return "protected32" if s.cs.db else "protected16"
 
+    def map_dirty_ring(self, entries: int) -> DirtyRing:
+        """mmap this vCPU's dirty ring (KVM_DIRTY_LOG_PAGE_OFFSET pages into the vCPU fd)."""
+        size = entries * ffi.sizeof("struct kvm_dirty_gfn")
+        try:
+            m = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                          offset=lib.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        except OSError as e:
+            raise KvmError(f"vcpu {self.id}: cannot mmap its dirty ring of {entries} entries ({e.strerror})") from e
+        self.dirty_ring = DirtyRing(m, entries)
+        return self.dirty_ring
+
     # -- lifetime --------------------------------------------------------------
 
     def close(self) -> None:
+        if self.dirty_ring is not None:
+            self.dirty_ring.close()
+            self.dirty_ring = None
         if self.fd >= 0:
             self.run_struct = None
             ffi.release(self._buffer)

@@ -14,9 +14,11 @@ from typing import Any, Iterable
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
 from .blobs import from_blob, to_blob
-from .errors import KvmError, KvmIoctlError, SnapshotError
+from .dirty import DEFAULT_RING_ENTRIES, DirtyLogMode, DirtyTracker, ring_capability
+from .errors import CapabilityError, KvmError, KvmIoctlError, SnapshotError
 from .memory import PAGE_SIZE, GuestMemory, MemoryRegion
 from .vcpu import Vcpu
+from .warm import Checkpoint, ResetStats
 
 MEM_LOG_DIRTY_PAGES = lib.KVM_MEM_LOG_DIRTY_PAGES
 MEM_READONLY = lib.KVM_MEM_READONLY
@@ -58,6 +60,9 @@ class Vm:
         self.memory: list[GuestMemory] = []
         self.has_irqchip = False
         self.has_pit = False
+        self.dirty_ring_entries = 0  # per vCPU, once enable_dirty_ring succeeded
+        self.dirty_tracker: DirtyTracker | None = None
+        self.last_checkpoint: Checkpoint | None = None
 
     # -- capabilities ------------------------------------------------------
 
@@ -116,6 +121,69 @@ class Vm:
                 pages.append(base + w * 64 + low.bit_length() - 1)
                 bits ^= low
         return pages
+
+    def get_dirty_bitmap(self, slot: int, bitmap: Any) -> None:
+        """KVM_GET_DIRTY_LOG into `bitmap` (a cffi uint64_t array of one bit per page of the slot)."""
+        log = ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        log.dirty_bitmap = bitmap
+        ioctl(self.fd, "KVM_GET_DIRTY_LOG", log, f"slot {slot}")
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Any) -> None:
+        """KVM_CLEAR_DIRTY_LOG: re-protect the pages whose bits are set (manual dirty-log protect)."""
+        c = ffi.new("struct kvm_clear_dirty_log *")
+        c.slot, c.first_page, c.num_pages, c.dirty_bitmap = slot, first_page, num_pages, bitmap
+        ioctl(self.fd, "KVM_CLEAR_DIRTY_LOG", c, f"slot {slot} pages {first_page}+{num_pages}")
+
+    def enable_dirty_ring(self, entries: int = DEFAULT_RING_ENTRIES) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]): a ring of `entries` dirty GFNs per vCPU.
+
+        Must come before the first vCPU; each vCPU then maps its ring.
+        """
+        if self.vcpus:
+            raise KvmError("the dirty ring must be enabled before the VM's first vCPU is created")
+        if entries <= 0 or entries & (entries - 1):
+            raise ValueError(f"dirty ring entries {entries}: must be a power of two")
+        cap = ring_capability(self)
+        if not cap:
+            raise CapabilityError("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING); use the bitmap")
+        size = entries * ffi.sizeof("struct kvm_dirty_gfn")
+        most = self.check_extension(cap)
+        if size > most:
+            raise ValueError(f"dirty ring of {entries} entries ({size} bytes) exceeds KVM's maximum of {most} bytes")
+        self.enable_cap(cap, size)
+        self.dirty_ring_entries = entries
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: re-protect every harvested ring entry; returns how many."""
+        return ioctl_int(self.fd, "KVM_RESET_DIRTY_RINGS")
+
+    def start_dirty_tracking(self, mode: DirtyLogMode | str | None = None, *,
+                             manual_protect: bool | None = None) -> DirtyTracker:
+        """Record guest writes to every slot from now on: the dirty ring if enabled, else the bitmap."""
+        if self.dirty_tracker is not None and self.dirty_tracker.active:
+            raise KvmError("this VM already tracks dirty pages; stop its tracker first")
+        if mode is None:
+            mode = DirtyLogMode.RING if self.dirty_ring_entries else DirtyLogMode.BITMAP
+        self.dirty_tracker = DirtyTracker(self, DirtyLogMode(mode), manual_protect=manual_protect).start()
+        return self.dirty_tracker
+
+    def dirty_pages(self) -> dict[int, list[int]]:
+        """{slot: sorted page indexes} written since tracking started or this was last called."""
+        if self.dirty_tracker is None:
+            raise KvmError("dirty tracking is not started (Vm.start_dirty_tracking)")
+        return self.dirty_tracker.collect()
+
+    def checkpoint(self, **options: Any) -> Checkpoint:
+        """Remember this VM's memory and state now; `reset()` returns to it (kvmpy.warm.Checkpoint)."""
+        self.last_checkpoint = Checkpoint(self, **options)
+        return self.last_checkpoint
+
+    def reset(self) -> ResetStats:
+        """Bring the VM back to its last `checkpoint()`: dirtied pages and all vCPU/irqchip state."""
+        if self.last_checkpoint is None:
+            raise KvmError("reset() needs a checkpoint() of this VM first")
+        return self.last_checkpoint.reset()
 
     # -- interrupt controllers and timers --------------------------------------
 
@@ -304,12 +372,19 @@ class Vm:
             raise
         vcpu = Vcpu(self, vcpu_id, fd, self.vcpu_mmap_size)
         self.vcpus.append(vcpu)
+        if self.dirty_ring_entries:
+            vcpu.map_dirty_ring(self.dirty_ring_entries)
         return vcpu
 
     # -- lifetime --------------------------------------------------------------
 
     def close(self) -> None:
         """Close every vCPU, then the VM. Guest memory stays with its owner."""
+        if self.dirty_tracker is not None:
+            for r in self.dirty_tracker.regions:
+                r.dirty_log = False  # the memory may go to another VM
+            self.dirty_tracker = None
+        self.last_checkpoint = None
         for v in self.vcpus:
             v.close()
         self.vcpus.clear()

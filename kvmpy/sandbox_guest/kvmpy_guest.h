@@ -2,8 +2,14 @@
  *
  * A guest function is an ordinary C function, `long f(long a0, ..., long a5)`
  * (System V AMD64 calling convention: arguments in rdi, rsi, rdx, rcx, r8, r9,
- * result in rax). kvmpy calls it at guest CPL3 with IOPL 3, so an `out` to
- * the host-call port exits to the host directly, without a mode switch.
+ * result in rax). kvmpy calls it at guest CPL3 with IOPL 0, so the payload
+ * cannot reach the host's fault-report ports: only kvmpy's CPL0 exception
+ * handlers can, and the host checks that a report came from them.
+ *
+ * A host call stores its number to the doorbell (KVMPY_DOORBELL_ADDR), a
+ * user page that no guest memory backs: the store exits to the host as MMIO
+ * directly from CPL3. (`outb nr, KVMPY_HOSTCALL_PORT` works too: it raises
+ * #GP, which kvmpy's handler forwards, at the cost of a switch to CPL0.)
  *
  * The ABI block sits at a fixed guest address (KVMPY_ABI_ADDR). A host call
  * writes its arguments there, does `outb nr, KVMPY_HOSTCALL_PORT`, and reads
@@ -20,9 +26,10 @@ typedef unsigned char uint8_t;
 
 #define KVMPY_ABI_ADDR 0x200000UL
 #define KVMPY_HOSTCALL_PORT 0xE0
+#define KVMPY_DOORBELL_ADDR 0xC0000000UL
 
 /* Host-call numbers; 16 and up are the caller's own (`hostcalls={nr: fn}`). */
-#define KVMPY_HC_RETURN 0 /* the function returned: ret holds the result */
+#define KVMPY_HC_RETURN 0 /* the function returned: rax (doorbell) or ret (port) holds the result */
 #define KVMPY_HC_WRITE 1  /* append args[0..1] = (pointer, length) to the output */
 #define KVMPY_HC_ABORT 2  /* give up: args[0] = code, args[1..2] = message */
 #define KVMPY_HC_USER 16
@@ -43,7 +50,7 @@ static inline long kvmpy_hostcall(unsigned nr, long a0, long a1, long a2, long a
     abi->args[1] = (uint64_t)a1;
     abi->args[2] = (uint64_t)a2;
     abi->args[3] = (uint64_t)a3;
-    __asm__ volatile("outb %%al, %1" : : "a"(nr), "i"(KVMPY_HOSTCALL_PORT) : "memory");
+    __asm__ volatile("movb %%al, (%1)" : : "a"(nr), "r"(KVMPY_DOORBELL_ADDR) : "memory");
     return abi->ret;
 }
 

@@ -1,4 +1,4 @@
-"""The sandbox and pool examples run as a user would run them and print what they promise.
+"""The sandbox, pool and warm-reset examples run as a user would run them and print what they promise.
 
 (examples/microvm_shell.py and snapshot_restore.py boot Linux: the e2e tests cover that path.)
 """
@@ -30,3 +30,11 @@ def test_pool_example_counts_primes_in_200_vms_without_leaks():
     out = _run("pool.py")
     assert "primes below 20000: guests 2262, host 2262" in out
     assert "resources back to baseline" in out
+
+
+def test_warm_reset_example_shows_fresh_state_on_every_warm_call_and_a_restored_vm():
+    out = _run("warm_reset.py")
+    assert "warm calls see a fresh guest every time: [1007]" in out
+    assert "VMs built for 20 warm calls: 1" in out
+    assert "the guest changed memory: True" in out
+    assert "memory as checkpointed: True" in out

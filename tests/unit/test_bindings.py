@@ -50,7 +50,10 @@ LAYOUT = [
     ("kvm_msr_entry", "data"), ("kvm_msrs", "entries"), ("kvm_fpu", None), ("kvm_fpu", "mxcsr"),
     ("kvm_lapic_state", None), ("kvm_xsave", None), ("kvm_debugregs", None),
     ("kvm_irqfd", None), ("kvm_ioeventfd", None), ("kvm_ioeventfd", "flags"), ("kvm_msi", None),
-    ("kvm_irq_level", None), ("kvm_dirty_log", "dirty_bitmap"), ("kvm_translation", None),
+    ("kvm_irq_level", None), ("kvm_dirty_log", "dirty_bitmap"),
+    ("kvm_clear_dirty_log", None), ("kvm_clear_dirty_log", "num_pages"), ("kvm_clear_dirty_log", "first_page"),
+    ("kvm_clear_dirty_log", "dirty_bitmap"), ("kvm_dirty_gfn", None), ("kvm_dirty_gfn", "slot"),
+    ("kvm_dirty_gfn", "offset"), ("kvm_translation", None),
     ("kvm_translation", "valid"), ("kvm_guest_debug", "arch"), ("kvm_enable_cap", "args"),
     ("kvm_clock_data", None), ("kvm_pit_state2", None), ("kvm_irqchip", None),
     # <linux/vhost_types.h>, for /dev/vhost-vsock
@@ -68,7 +71,11 @@ LAYOUT = [
 
 IOCTLS = ["KVM_RUN", "KVM_CREATE_VM", "KVM_SET_USER_MEMORY_REGION", "KVM_CREATE_VCPU",
           "KVM_GET_REGS", "KVM_SET_SREGS", "KVM_GET_VCPU_EVENTS", "KVM_IRQFD", "KVM_SIGNAL_MSI",
-          "KVM_GET_DIRTY_LOG", "KVM_GET_STATS_FD", "KVM_SET_GSI_ROUTING", "KVM_TRANSLATE"]
+          "KVM_GET_DIRTY_LOG", "KVM_CLEAR_DIRTY_LOG", "KVM_RESET_DIRTY_RINGS", "KVM_GET_STATS_FD",
+          "KVM_SET_GSI_ROUTING", "KVM_TRANSLATE"]
+# The dirty ring's ABI: where each vCPU's ring is mapped and its entry flags.
+DIRTY_CONSTANTS = ["KVM_DIRTY_LOG_PAGE_OFFSET", "KVM_DIRTY_GFN_F_DIRTY", "KVM_DIRTY_GFN_F_RESET",
+                   "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE", "KVM_DIRTY_LOG_INITIALLY_SET"]
 VHOST_IOCTLS = ["VHOST_GET_FEATURES", "VHOST_SET_FEATURES", "VHOST_SET_OWNER", "VHOST_RESET_OWNER",
                 "VHOST_SET_MEM_TABLE", "VHOST_SET_VRING_NUM", "VHOST_SET_VRING_ADDR", "VHOST_SET_VRING_BASE",
                 "VHOST_GET_VRING_BASE", "VHOST_SET_VRING_KICK", "VHOST_SET_VRING_CALL", "VHOST_SET_VRING_ERR",
@@ -92,7 +99,7 @@ def header_values(tmp_path_factory) -> dict[str, int]:
     for struct, member in LAYOUT:
         expr = f"sizeof(struct {struct})" if member is None else f"offsetof(struct {struct}, {member})"
         lines.append(f'P("{_key(struct, member)}", {expr});')
-    names = (IOCTLS + VHOST_IOCTLS + VHOST_CONSTANTS + [f"KVM_CAP_{c.name}" for c in Capability]
+    names = (IOCTLS + VHOST_IOCTLS + VHOST_CONSTANTS + DIRTY_CONSTANTS + [f"KVM_CAP_{c.name}" for c in Capability]
              + [f"KVM_EXIT_{e.name}" for e in ExitReason])
     lines += [f'P("{n}", {n});' for n in names]
     lines += ["return 0; }"]
@@ -115,6 +122,11 @@ def test_struct_layout_matches_the_header(header_values, struct, member):
 
 @pytest.mark.parametrize("name", IOCTLS + VHOST_IOCTLS)
 def test_ioctl_number_matches_the_header(header_values, name):
+    assert getattr(lib, name) == header_values[name]
+
+
+@pytest.mark.parametrize("name", DIRTY_CONSTANTS)
+def test_dirty_log_constant_matches_the_header(header_values, name):
     assert getattr(lib, name) == header_values[name]
 
 

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "_build_kvm": 0,
     # one class per file descriptor, guest memory, exits, the bus and the exit loop
     "kvm": 1, "vm": 1, "vcpu": 1, "memory": 1, "exits": 1, "bus": 1, "runloop": 1,
+    "dirty": 1, "warm": 1,
     # the pieces of a machine
     "x86": 2, "boot": 2, "devices": 2, "stats": 2, "assists": 2, "net": 2, "disk": 2, "guest": 2,
     "tiny": 2,
