@@ -90,6 +90,7 @@ class DeviceId(enum.IntEnum):
     BLOCK = 2
     ENTROPY = 4
     VSOCK = 19
+    FS = 26
 
 
 class InterruptStatus(enum.IntFlag):
@@ -126,6 +127,8 @@ class VirtioDevice:
     device_id: int = 0
     queue_sizes: tuple[int, ...] = ()
     features: int = VIRTIO_F_VERSION_1
+    # A back end in another process maps guest RAM (vhost-user): the machine must back it with memfds.
+    needs_shared_memory: bool = False
 
     def __init__(self) -> None:
         self.transport: MmioTransport | None = None
