@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="a virtio-vsock device with this guest CID; host side: the kernel's vhost-vsock "
                           "(AF_VSOCK) when /dev/vhost-vsock exists, else AF_UNIX sockets (default: auto)")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's urandom")
+    run.add_argument("--share", action="append", default=[], metavar="HOSTDIR[=TAG][,ro]",
+                     help="a host directory over virtio-fs (virtiofsd); in the guest: mount -t virtiofs TAG DIR "
+                          "(TAG defaults to the directory's name; repeatable)")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
     run.add_argument("--quiet", action="store_true", help="no kvmpy messages on stderr")
 
@@ -166,12 +169,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> list:
-    if not (args.disk or args.net or args.vsock is not None or args.rng):
+    if not (args.disk or args.net or args.vsock is not None or args.rng or args.share):
         return []
     from .devices.virtio.attach import devices_from_config
 
     try:
-        return devices_from_config(disks=args.disk, nets=args.net, vsock=args.vsock, rng=args.rng)
+        return devices_from_config(disks=args.disk, nets=args.net, vsock=args.vsock, rng=args.rng, shares=args.share)
     except (ValueError, OSError) as e:
         raise BootError(str(e)) from e
 

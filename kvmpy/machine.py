@@ -220,7 +220,9 @@ class Machine:
         # The syscall trap is built around Linux's GDT and page-table layout; a multiboot
         # kernel (a kvm-unit-test, say) gets the backend as it is.
         self._trap_syscalls = self.quirks.syscall_trap and not self.multiboot
-        self.memory = memory if memory is not None else GuestMemory(config.memory)
+        # memfd-backed RAM when a device's back end maps it from another process (virtio-fs's virtiofsd).
+        shared = any(getattr(d, "needs_shared_memory", False) for d in config.devices)
+        self.memory = memory if memory is not None else GuestMemory(config.memory, memfd=shared)
         try:
             if not self._restoring:
                 self.boot: BootEntry = self._load()

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 from .devices.virtio.attach import devices_from_config
 from .devices.virtio.vsock import BACKENDS as VSOCK_BACKENDS
+from .virtiofsd import ShareConfig, ShareError, validate_shares
 from .errors import KvmError
 from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome, Status, memory_problem
 from .memory import parse_size
@@ -124,6 +125,7 @@ class MicroVMConfig:
     nets: Sequence[NetConfig | str] = field(default_factory=list)
     vsock: VsockConfig | int | None = None
     rng: bool = False  # a virtio-rng device (the guest's entropy from the host's urandom)
+    shares: Sequence[ShareConfig | str] = field(default_factory=list)  # host directories over virtio-fs
     quirks: str = "auto"
 
     def validate(self) -> None:
@@ -166,6 +168,10 @@ class MicroVMConfig:
             if v.backend not in VSOCK_BACKENDS:
                 raise ConfigError(f"vsock: backend {v.backend!r}; one of {', '.join(map(repr, VSOCK_BACKENDS))}")
             self.vsock = v
+        try:
+            self.shares = validate_shares(self.shares)
+        except ShareError as e:
+            raise ConfigError(str(e)) from None
         for name in ("disks", "nets", "vsock"):
             if getattr(self, name) and not machine_supports(name):
                 raise ConfigError(f"{name}: this kvmpy's machine has no {name} support yet "
@@ -207,7 +213,7 @@ class MicroVMConfig:
         """
         mc = MachineConfig(kernel=Path(self.kernel), initrd=None if self.initrd is None else Path(self.initrd),
                            cmdline=self.cmdline, memory=self.memory, cpus=self.vcpus, quirks=self.quirks)
-        mc.devices = devices_from_config(self.disks, self.nets, self.vsock, rng=self.rng)
+        mc.devices = devices_from_config(self.disks, self.nets, self.vsock, rng=self.rng, shares=self.shares)
         return mc
 
 

@@ -138,6 +138,14 @@ def check_tags_unique(shares: list[ShareConfig]) -> None:
         seen[s.tag] = s.host_dir
 
 
+def validate_shares(shares: list[ShareConfig | str]) -> list[ShareConfig]:
+    """Each share validated (a string is parsed as `--share`), tags unique; `ShareError` for the first problem."""
+    out = [parse_share_arg(s) if isinstance(s, str) else validate_share(s, what=f"shares[{i}]")
+           for i, s in enumerate(shares)]
+    check_tags_unique(out)
+    return out
+
+
 # -- the daemon ------------------------------------------------------------------------
 
 class Flavour(enum.Enum):
@@ -320,4 +328,4 @@ class Virtiofsd:
 
 __all__ = ["CacheMode", "ShareConfig", "ShareError", "Virtiofsd", "VirtiofsdBinary", "VirtiofsdError",
            "check_tags_unique", "daemon_argv", "default_tag", "find_virtiofsd", "parse_share_arg",
-           "validate_share"]
+           "validate_share", "validate_shares"]

@@ -236,7 +236,7 @@ def parse_vsock_arg(text: str) -> dict[str, Any]:
 
 
 def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vsock: Any = None,
-                        rng: bool = True) -> list[VirtioDevice]:
+                        rng: bool = True, shares: Iterable[Any] = ()) -> list[VirtioDevice]:
     """Device objects for a machine config, in the order they get MMIO windows.
 
     `disks`: objects with `path` and `read_only` (e.g. `kvmpy.microvm.DiskConfig`),
@@ -246,8 +246,9 @@ def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vso
     `backend` ("auto", the default: vhost-vsock when /dev/vhost-vsock exists,
     else userspace; "vhost"; "userspace") and `uds_path` (the userspace back
     end's socket, default /tmp/kvmpy-<pid>-vsock.sock), or a
-    "CID[,backend=...]" string. On an error the devices made so far are
-    closed again.
+    "CID[,backend=...]" string. `shares`: `kvmpy.virtiofsd.ShareConfig`s or
+    "HOSTDIR[=TAG][,ro]" strings, a virtio-fs device (and its virtiofsd) each.
+    On an error the devices made so far are closed again.
     """
     from ...net.tap import Tap
     from .blk import BlockDevice
@@ -281,6 +282,11 @@ def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vso
             opts = parse_vsock_arg(vsock) if isinstance(vsock, str) else {
                 "cid": vsock.cid, "backend": getattr(vsock, "backend", None) or "auto"}
             made.append(vsock_device(opts["cid"], backend=opts["backend"], uds_path=getattr(vsock, "uds_path", None)))
+        shares = list(shares)
+        if shares:
+            from .fs import share_devices
+
+            made.extend(share_devices(shares))
     except BaseException:
         for dev in made:
             dev.close()

@@ -234,10 +234,9 @@ class VirtioFsDevice(VirtioDevice):
 
 def share_devices(shares: list[ShareConfig | str]) -> list[VirtioFsDevice]:
     """A `VirtioFsDevice` per share (`ShareConfig` or a `--share` string); on an error the ones made are closed."""
-    from ...virtiofsd import check_tags_unique, parse_share_arg
+    from ...virtiofsd import validate_shares
 
-    configs = [parse_share_arg(s) if isinstance(s, str) else validate_share(s) for s in shares]
-    check_tags_unique(configs)
+    configs = validate_shares(shares)
     made: list[VirtioFsDevice] = []
     try:
         for c in configs:
