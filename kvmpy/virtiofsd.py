@@ -25,13 +25,12 @@ CAP_SYS_ADMIN (root), as the daemons' own namespace sandbox does.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import enum
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -207,25 +206,28 @@ def default_sandbox() -> str:
     return "namespace" if os.geteuid() == 0 else "none"
 
 
-_CLONE_NEWNS = 0x0002_0000
-_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+# Run as `python -c _READ_ONLY_EXEC DIR ARGV...`: in a new mount namespace, DIR becomes a read-only
+# bind mount, then the daemon is exec'ed (same pid). A separate interpreter rather than a preexec_fn:
+# nothing runs between fork and exec in a process that has threads.
+_READ_ONLY_EXEC = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+path = sys.argv[1].encode()
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE, CLONE_NEWNS = 1, 32, 4096, 16384, 1 << 18, 0x20000
+steps = (("unshare(CLONE_NEWNS)", lambda: libc.unshare(CLONE_NEWNS)),
+         ("make / private", lambda: libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)),
+         ("bind-mount the share", lambda: libc.mount(path, path, None, MS_BIND | MS_REC, None)),
+         ("remount it read-only", lambda: libc.mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)))
+for what, step in steps:
+    if step() != 0:
+        sys.exit(f"kvmpy read-only share {sys.argv[1]}: {what}: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
-def _read_only_bind(directory: str) -> None:
-    """In a fresh mount namespace (of the child about to exec the daemon): `directory` becomes read-only.
-
-    Runs between fork and exec (`preexec_fn`): no Python threads, only syscalls.
-    """
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    path = directory.encode()
-    steps = ((lambda: libc.unshare(_CLONE_NEWNS)),
-             (lambda: libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None)),  # nothing leaks to the host
-             (lambda: libc.mount(path, path, None, _MS_BIND | _MS_REC, None)),
-             (lambda: libc.mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY, None)))
-    for step in steps:
-        if step() != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
+def read_only_argv(host_dir: str | os.PathLike[str], argv: list[str]) -> list[str]:
+    """`argv` run with `host_dir` read-only in a private mount namespace (see the module's doc)."""
+    return [sys.executable, "-c", _READ_ONLY_EXEC, os.fspath(host_dir), *argv]
 
 
 class Virtiofsd:
@@ -243,13 +245,14 @@ class Virtiofsd:
         self.socket_path = os.path.join(self.dir, "vhost-user.sock")
         self.log_path = os.path.join(self.dir, "virtiofsd.log")
         argv = daemon_argv(self.binary, share, self.socket_path, sandbox=self.sandbox)
+        if share.read_only:
+            argv = read_only_argv(share.host_dir, argv)
         log = open(self.log_path, "wb")
         try:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-                start_new_session=True,  # the terminal's Ctrl-C goes to kvmpy, which stops the daemon in order
-                preexec_fn=(lambda: _read_only_bind(str(share.host_dir))) if share.read_only else None)
-        except (OSError, subprocess.SubprocessError) as e:
+                start_new_session=True)  # the terminal's Ctrl-C goes to kvmpy, which stops the daemon in order
+        except OSError as e:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise VirtiofsdError(f"{self.binary.path}: cannot start it for {str(share.host_dir)!r}: {e}") from None
         finally:
@@ -327,5 +330,5 @@ class Virtiofsd:
 
 
 __all__ = ["CacheMode", "ShareConfig", "ShareError", "Virtiofsd", "VirtiofsdBinary", "VirtiofsdError",
-           "check_tags_unique", "daemon_argv", "default_tag", "find_virtiofsd", "parse_share_arg",
+           "check_tags_unique", "daemon_argv", "default_tag", "find_virtiofsd", "parse_share_arg", "read_only_argv",
            "validate_share", "validate_shares"]
