@@ -20,6 +20,9 @@ throughout, so neither side waits for a disk. The time of each step is
 taken on the host around the shell command (typed on the serial console);
 the same round trip with `true` is measured as the console's share and
 subtracted. The ratios are virtio-fs time over virtio-blk time (medians).
+Beside the times: virtio-blk requests per file, and for virtio-fs the
+interrupts per file (virtiofsd's call eventfd, one per batch of completed
+FUSE requests: kvmpy does not see the requests themselves).
 
     .venv/bin/python scripts/bench_fs.py [--files 200] [--size 2048] [--repeat 3] [--write-docs]
 """
@@ -88,6 +91,7 @@ def main() -> int:
         kinds = ("fs", "fsalways", "blk")
         times: dict[str, list[float]] = {f"{k} {p}": [] for k in kinds for p in ("cold", "warm")}
         times["console"] = []
+        events: dict[str, list[int]] = {k: [] for k in times if k != "console"}
         mounts = {"fs": "mount -t virtiofs auto /mnt/fs", "fsalways": "mount -t virtiofs always /mnt/fsalways",
                   "blk": "mount -t ext4 -o ro /dev/vda /mnt/blk"}
         read = "cat /mnt/{0}/d*/* | wc -c"
@@ -96,12 +100,18 @@ def main() -> int:
             vm.expect(INIT_MARKER, BOOT_TIMEOUT)
             vm.expect("# ", 120)
             vm.run("mkdir -p /mnt/fs /mnt/fsalways /mnt/blk", timeout=120)
+            slots = vm.machine.virtio.slots  # blk, then the two shares, in config order
+            counters = {"blk": lambda: slots[0].device.requests,  # requests the device served
+                        "fs": lambda: slots[1].transport.interrupts,  # virtiofsd's calls that became interrupts
+                        "fsalways": lambda: slots[2].transport.interrupts}
             for r in range(args.repeat):
                 order = kinds[r % 3:] + kinds[:r % 3]  # each kind first once in three repeats
                 for kind in order:
                     vm.run(mounts[kind], timeout=600)
                     for phase in ("cold", "warm"):
+                        before = counters[kind]()
                         t, out = timed(vm, read.format(kind), 1800)
+                        events[f"{kind} {phase}"].append(counters[kind]() - before)
                         if str(total) not in out.split():
                             raise SystemExit(f"{kind} {phase}: read {out.strip()!r} bytes, expected {total}")
                         times[f"{kind} {phase}"].append(t)
@@ -121,6 +131,10 @@ def main() -> int:
         fs, always, blk = net[f"fs {phase}"], net[f"fsalways {phase}"], net[f"blk {phase}"]
         rows.append(f"| {phase} read | {fs:.2f} s | {always:.2f} s | {blk:.2f} s | **{fs / blk:.2f}** | "
                     f"**{always / blk:.2f}** |")
+    ev = {k: statistics.median(v) for k, v in events.items()}
+    rows.append(f"| per file, cold / warm | {ev['fs cold'] / args.files:.1f} / {ev['fs warm'] / args.files:.1f} "
+                f"interrupts | {ev['fsalways cold'] / args.files:.1f} / {ev['fsalways warm'] / args.files:.1f} "
+                f"interrupts | {ev['blk cold'] / args.files:.2f} / {ev['blk warm'] / args.files:.2f} requests | | |")
     backend = "PVM (software KVM)" if os.path.exists("/sys/module/kvm_pvm") else "hardware KVM"
     section = "\n".join([
         HEADING, "",

@@ -81,10 +81,10 @@ def _serve_notifies(iothread: IoThread, transport: MmioTransport, index: int, fd
 class VirtioSlot:
     """One attached device: where it lives and how it is wired.
 
-    It is also the transport's `NotifyFdOwner`: a back end in the kernel
-    (vhost) claims a queue's ioeventfd, and the I/O thread stops polling
-    it until released, so a guest notify goes from KVM to vhost without
-    waking Python.
+    It is also the transport's `NotifyFdOwner`: a back end outside kvmpy
+    (vhost in the kernel, a vhost-user daemon) claims a queue's ioeventfd,
+    and the I/O thread stops polling it until released, so a guest notify
+    goes from KVM to the back end without waking Python.
     """
 
     device: VirtioDevice

@@ -109,7 +109,7 @@ class SnapshotRefused(KvmError):
 
 
 class NotifyFdOwner(Protocol):
-    """Who polls each queue's QueueNotify eventfd (attach_virtio's slot): lets a back end in the kernel take one."""
+    """Who polls each queue's QueueNotify eventfd (attach_virtio's slot): lets a back end outside kvmpy take one."""
 
     def claim(self, index: int) -> int | None: ...
 
