@@ -248,12 +248,14 @@ class Virtiofsd:
         if share.read_only:
             argv = read_only_argv(share.host_dir, argv)
         log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "rb")  # read through this fd, also once the path is gone
         try:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                 start_new_session=True)  # the terminal's Ctrl-C goes to kvmpy, which stops the daemon in order
         except OSError as e:
             shutil.rmtree(self.dir, ignore_errors=True)
+            self._log.close()
             raise VirtiofsdError(f"{self.binary.path}: cannot start it for {str(share.host_dir)!r}: {e}") from None
         finally:
             log.close()
@@ -273,6 +275,15 @@ class Virtiofsd:
                 raise VirtiofsdError(f"{self.binary.path}: no socket at {self.socket_path} after "
                                      f"{START_TIMEOUT:g} s: {self.log_tail()}")
             time.sleep(0.01)
+
+    def unlink_paths(self) -> None:
+        """Remove the socket, the log's name and the directory once the front end is connected.
+
+        The daemon accepts one connection, so nothing needs the path after
+        it, and nothing is left in /tmp even if kvmpy is killed (the kernel
+        then closes the socket, and the daemon exits on its own).
+        """
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     @property
     def pid(self) -> int:
@@ -297,10 +308,12 @@ class Virtiofsd:
     def log_tail(self) -> str:
         """The daemon's last log line (its stderr), or ''."""
         try:
-            with open(self.log_path, "rb") as f:
-                lines = [ln for ln in f.read()[-4096:].decode(errors="replace").splitlines() if ln.strip()]
-        except OSError:
+            fd = self._log.fileno()
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, 4096, max(0, size - 4096))
+        except (OSError, ValueError):
             return ""
+        lines = [ln for ln in data.decode(errors="replace").splitlines() if ln.strip()]
         return lines[-1].strip() if lines else ""
 
     def stop(self) -> None:
@@ -318,6 +331,7 @@ class Virtiofsd:
                 except subprocess.TimeoutExpired:
                     continue
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._log.close()
 
     def __enter__(self) -> Virtiofsd:
         return self

@@ -186,11 +186,48 @@ def test_close_ends_the_daemon_and_removes_its_socket(share_dir):
     s.up()
     s.init()
     daemon = s.dev.daemon
+    assert not os.path.exists(daemon.dir)  # gone once connected: nothing is left behind if kvmpy is killed
     s.close()
     assert daemon.exited() is not None
-    assert not os.path.exists(daemon.dir)
 
 
 def test_snapshot_is_refused_with_the_reason(session):
     with pytest.raises(SnapshotRefused, match="virtiofsd holds"):
         session.dev.snapshot_config()
+
+
+def test_daemon_does_not_outlive_a_killed_vmm(share_dir):
+    """SIGKILL of the process holding the device: the kernel closes its socket and virtiofsd exits."""
+    import subprocess
+    import sys
+    code = ("import sys; from pathlib import Path; from kvmpy.devices.virtio.fs import VirtioFsDevice; "
+            "from kvmpy.virtiofsd import ShareConfig; d = VirtioFsDevice(ShareConfig(Path(sys.argv[1]), 't')); "
+            "print(d.daemon.pid, d.daemon.dir, flush=True); sys.stdin.read()")
+    vmm = subprocess.Popen([sys.executable, "-c", code, str(share_dir)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        pid_text, directory = vmm.stdout.readline().split()
+        pid = int(pid_text)
+        os.kill(pid, 0)  # running
+        vmm.kill()
+        vmm.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            # The daemon is the killed process's child: once it exits it is a zombie of init, or gone.
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split(")")[-1].split()[0] == "Z":
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"virtiofsd {pid} still running 10 s after its VMM was killed")
+        assert not os.path.exists(directory)
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()

@@ -94,6 +94,7 @@ class VirtioFsDevice(VirtioDevice):
         self.vrings = BackendVrings(len(self.queue_sizes))
         try:
             self.frontend = VhostUserFrontend(self.daemon.socket_path, timeout=timeout)
+            self.daemon.unlink_paths()
             self._negotiate()
         except BaseException:
             self.vrings.close()
