@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="a virtio-vsock device with this guest CID; host side: the kernel's vhost-vsock "
                           "(AF_VSOCK) when /dev/vhost-vsock exists, else AF_UNIX sockets (default: auto)")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's urandom")
+    run.add_argument("--share", action="append", default=[], metavar="HOSTDIR[=TAG][,ro]",
+                     help="a host directory over virtio-fs (virtiofsd); in the guest: mount -t virtiofs TAG DIR "
+                          "(TAG defaults to the directory's name; repeatable)")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
     run.add_argument("--quiet", action="store_true", help="no kvmpy messages on stderr")
 
@@ -151,7 +154,7 @@ def run_config(args: argparse.Namespace) -> MachineConfig:
         kernel=args.kernel, initrd=args.initrd, cmdline=cmdline, memory=args.mem, vcpus=args.cpus,
         quirks=args.quirks, entry=args.entry, disks=tuple(DiskConfig.parse(d) for d in args.disk),
         nets=tuple(NetConfig.parse(n) for n in args.net),
-        vsock=None if args.vsock is None else VsockConfig.parse(args.vsock), rng=args.rng,
+        vsock=None if args.vsock is None else VsockConfig.parse(args.vsock), rng=args.rng, shares=tuple(args.share),
         modules=tuple(ModuleConfig.parse(m) for m in args.module), test_devices=tuple(args.test_devices))
     try:
         return config.validate(kernel_optional=True)

@@ -1,7 +1,10 @@
-"""Guest-physical memory: anonymous mmap regions handed to KVM as memory slots.
+"""Guest-physical memory: anonymous (or memfd) mmap regions handed to KVM as memory slots.
 
 `GuestMemory` owns the host mappings; `Vm.set_user_memory_region` tells KVM
-about them. Every access by guest-physical address (GPA) is bounds-checked
+about them. By default RAM is private anonymous memory; `memfd=True` backs
+each region with its own memfd mapped MAP_SHARED instead, so another
+process can map the same pages from the fd (a vhost-user back end such as
+virtiofsd gets the fds in VHOST_USER_SET_MEM_TABLE). Every access by guest-physical address (GPA) is bounds-checked
 against the regions, so a bad address from an untrusted guest raises
 `GuestMemoryError` instead of touching host memory outside the guest.
 """
@@ -41,6 +44,8 @@ class MemoryRegion:
     slot: int
     readonly: bool = False
     dirty_log: bool = False
+    fd: int = -1  # the memfd behind `mapping` (memfd-backed memory only), owned by the region
+    fd_offset: int = 0  # where `mapping` starts in `fd`
     view: memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +85,28 @@ def _anonymous_mapping(size: int, *, hugepages: bool, thp: bool) -> mmap.mmap:
     return mapping
 
 
+def _memfd_mapping(size: int, name: str, *, hugepages: bool, thp: bool) -> tuple[mmap.mmap, int]:
+    """A MAP_SHARED mapping of a fresh memfd of `size` bytes, and the fd (the caller owns both)."""
+    flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugepages else 0)
+    if hugepages and size % HUGE_PAGE_SIZE:
+        raise GuestMemoryError(f"hugepage-backed region of {size:#x} bytes is not a multiple of 2 MiB")
+    try:
+        fd = os.memfd_create(name, flags)
+    except OSError as e:
+        raise GuestMemoryError(f"memfd_create({name!r}) for {size:#x} bytes of guest memory: {e.strerror}"
+                               + ("; reserve hugetlbfs pages with: echo N > /proc/sys/vm/nr_hugepages"
+                                  if hugepages else "")) from e
+    try:
+        os.ftruncate(fd, size)  # sparse: pages are allocated when first touched
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        os.close(fd)
+        raise GuestMemoryError(f"cannot map a memfd of {size:#x} bytes of guest memory: {e.strerror}") from e
+    if thp and not hugepages:
+        mapping.madvise(_MADV_HUGEPAGE)  # honoured when /sys/kernel/mm/transparent_hugepage/shmem_enabled allows
+    return mapping, fd
+
+
 def parse_size(text: str | int) -> int:
     """'256M', '1G', '4096', 512 -> bytes. Raises ValueError naming the input."""
     if isinstance(text, int):
@@ -99,11 +126,13 @@ class GuestMemory:
 
     `GuestMemory(size)` lays RAM out like a PC: `[0, min(size, 3 GiB))` and the
     rest from 4 GiB. `add_region` adds further slots (for example a read-only
-    one). Regions never overlap.
+    one). Regions never overlap. `memfd=True`: every region kvmpy maps is a
+    memfd mapped MAP_SHARED (`MemoryRegion.fd`, `fd_offset`), for back ends
+    in other processes; the default is private anonymous memory.
     """
 
     def __init__(self, size: int | str = 0, *, hugepages: bool = False, thp: bool = False,
-                 max_size: int = 1 << 46) -> None:
+                 max_size: int = 1 << 46, memfd: bool = False) -> None:
         size = parse_size(size)
         if size < 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"guest memory size {size:#x} is not a positive multiple of 4 KiB")
@@ -112,6 +141,7 @@ class GuestMemory:
                 f"guest memory size {size >> 20} MiB exceeds the limit of {max_size >> 20} MiB")
         self.hugepages = hugepages
         self.thp = thp
+        self.memfd = memfd
         self.regions: list[MemoryRegion] = []
         self._starts: list[int] = []
         low = min(size, MMIO_HOLE_START)
@@ -124,7 +154,7 @@ class GuestMemory:
 
     def add_region(self, gpa: int, size: int, *, readonly: bool = False,
                    dirty_log: bool = False, mapping: mmap.mmap | None = None) -> MemoryRegion:
-        """Map `size` bytes of new anonymous memory (or `mapping`) at `gpa`."""
+        """Map `size` bytes of new memory (anonymous, or a memfd if `memfd`; or the given `mapping`) at `gpa`."""
         if gpa % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(
                 f"region at {gpa:#x} of {size:#x} bytes is not page aligned and non-empty")
@@ -133,12 +163,15 @@ class GuestMemory:
                 raise GuestMemoryError(
                     f"region [{gpa:#x}, {gpa + size:#x}) overlaps slot {r.slot} "
                     f"[{r.gpa:#x}, {r.end:#x})")
-        if mapping is None:
+        fd = -1
+        if mapping is None and self.memfd:
+            mapping, fd = _memfd_mapping(size, f"kvmpy-ram-{gpa:#x}", hugepages=self.hugepages, thp=self.thp)
+        elif mapping is None:
             mapping = _anonymous_mapping(size, hugepages=self.hugepages, thp=self.thp)
         elif len(mapping) != size:
             raise GuestMemoryError(f"mapping of {len(mapping):#x} bytes given for a region of {size:#x}")
         slot = max((r.slot for r in self.regions), default=-1) + 1
-        region = MemoryRegion(gpa, size, mapping, slot, readonly, dirty_log)
+        region = MemoryRegion(gpa, size, mapping, slot, readonly, dirty_log, fd)
         i = bisect.bisect(self._starts, gpa)
         self._starts.insert(i, gpa)
         self.regions.insert(i, region)
@@ -242,6 +275,9 @@ class GuestMemory:
                 r.mapping.close()
             except BufferError:
                 pass  # a caller still holds a view; the mapping goes with it
+            if r.fd >= 0:
+                os.close(r.fd)  # the pages live on while a mapping (here or in a back end) remains
+                r.fd = -1
         self.regions.clear()
         self._starts.clear()
 

@@ -14,11 +14,11 @@ state.py    `MachineState`: what each component saved
 
 from .builder import DeviceError, build, device_configs, kernel_cmdline, make_devices, restore
 from .config import (DEFAULT_CMDLINE, DEFAULT_MEMORY, MAX_CMDLINE, TEST_DEVICES, ConfigError, DiskConfig,
-                     MachineConfig, ModuleConfig, NetConfig, VsockConfig, memory_problem)
+                     MachineConfig, ModuleConfig, NetConfig, ShareConfig, VsockConfig, memory_problem)
 from .machine import ConsoleLog, Ending, Machine, Outcome, Status
 from .state import MachineState
 
 __all__ = ["DEFAULT_CMDLINE", "DEFAULT_MEMORY", "MAX_CMDLINE", "TEST_DEVICES", "ConfigError", "ConsoleLog",
            "DeviceError", "DiskConfig", "Ending", "Machine", "MachineConfig", "MachineState", "ModuleConfig",
-           "NetConfig", "Outcome", "Status", "VsockConfig", "build", "device_configs", "kernel_cmdline",
+           "NetConfig", "Outcome", "ShareConfig", "Status", "VsockConfig", "build", "device_configs", "kernel_cmdline",
            "make_devices", "memory_problem", "restore"]

@@ -94,7 +94,9 @@ def build(config: MachineConfig, *, console: Console | None = None, kvm: Kvm | N
     quirks = resolve_quirks(config.quirks)
     made = list(make_devices(config, existing=devices)) + list(devices)
     try:
-        memory = GuestMemory(config.memory_bytes)
+        # memfd-backed RAM when a device's back end maps it from another process (virtio-fs's virtiofsd)
+        shared = any(getattr(d, "needs_shared_memory", False) for d in made)
+        memory = GuestMemory(config.memory_bytes, memfd=shared)
     except BaseException:
         _close_all(made)
         raise
@@ -139,6 +141,7 @@ def make_devices(config: MachineConfig, *, existing: Sequence[VirtioDevice] = ()
     `DeviceError` names the device.
     """
     from ..devices.virtio.blk import BlockDevice
+    from ..devices.virtio.fs import share_devices
     from ..devices.virtio.net import NetDevice
     from ..devices.virtio.rng import EntropyDevice
     from ..devices.virtio.vsock import vsock_device
@@ -164,6 +167,9 @@ def make_devices(config: MachineConfig, *, existing: Sequence[VirtioDevice] = ()
             v = as_vsock(config.vsock)
             what = f"vsock {v.cid}"
             made.append(vsock_device(v.cid, backend=v.backend, uds_path=v.uds_path))
+        if config.shares:
+            what = "shares"
+            made.extend(share_devices(list(config.shares)))
     except BaseException as e:
         _close_all([*made, *existing])
         if isinstance(e, (OSError, ValueError)) and not isinstance(e, KvmError):
@@ -174,7 +180,7 @@ def make_devices(config: MachineConfig, *, existing: Sequence[VirtioDevice] = ()
 
 def device_configs(devices: Iterable[VirtioDevice]) -> dict[str, Any]:
     """The config fields that describe `devices` as they are (a restored clone's new TAP names included)."""
-    disks, nets, vsock, rng = [], [], None, False
+    disks, nets, vsock, rng, shares = [], [], None, False, []
     for dev in devices:
         kind = type(dev).__name__
         if kind == "BlockDevice":
@@ -186,11 +192,13 @@ def device_configs(devices: Iterable[VirtioDevice]) -> dict[str, Any]:
                                   bridge=getattr(owner, "bridge", None)))
         elif kind == "EntropyDevice":
             rng = True
+        elif kind == "VirtioFsDevice":
+            shares.append(dev.share)  # type: ignore[attr-defined]
         elif kind in ("VsockDevice", "VhostVsockDevice"):
             vsock = VsockConfig(dev.guest_cid,  # type: ignore[attr-defined]
                                 backend="userspace" if kind == "VsockDevice" else "vhost",
                                 uds_path=getattr(dev, "uds_path", None))
-    return {"disks": tuple(disks), "nets": tuple(nets), "vsock": vsock, "rng": rng}
+    return {"disks": tuple(disks), "nets": tuple(nets), "vsock": vsock, "rng": rng, "shares": tuple(shares)}
 
 
 def _assemble(config: MachineConfig, quirks: Quirks, multiboot: bool, memory: GuestMemory,

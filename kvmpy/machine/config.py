@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 from ..boot.linux import VMLINUX_CMDLINE_SIZE
 from ..errors import BootError
 from ..memory import parse_size
+from ..virtiofsd import CacheMode, ShareConfig, ShareError, validate_shares
 from ..x86.mptable import max_cpus
 
 # Like Firecracker's default: serial console, reset through the keyboard
@@ -210,7 +211,7 @@ class MachineConfig:
 
     Devices are attached in this order, each at its own 4 KiB MMIO window
     from 0xd0000000 and its own GSI (5, 6, 7, 9, ...): disks, nets, rng,
-    vsock.
+    vsock, shares.
     """
 
     kernel: str | os.PathLike[str] | None
@@ -224,6 +225,7 @@ class MachineConfig:
     nets: Sequence[NetConfig | str] = ()
     vsock: VsockConfig | int | str | None = None
     rng: bool = False  # a virtio-rng device fed from the host's urandom
+    shares: Sequence[ShareConfig | str] = ()  # host directories over virtio-fs (kvmpy/virtiofsd.py)
     modules: Sequence[ModuleConfig | tuple[str | os.PathLike[str], str]] = ()  # multiboot modules
     # QEMU's test devices, off in the micro-VM: any of "debug-exit" (isa-debug-exit
     # at 0xf4: the VM ends with status (code << 1) | 1), "testdev" (pc-testdev
@@ -265,6 +267,10 @@ class MachineConfig:
         disks = tuple(as_disk(d).validated(f"disks[{i}]") for i, d in enumerate(self.disks))
         nets = tuple(as_net(n).validated(f"nets[{i}]") for i, n in enumerate(self.nets))
         vsock = None if self.vsock is None else as_vsock(self.vsock).validated("vsock")
+        try:
+            shares = tuple(validate_shares(list(self.shares)))
+        except ShareError as e:
+            raise ConfigError(str(e)) from None
         modules = tuple(as_module(m) for m in self.modules)
         for m in modules:
             _readable_file("multiboot module", m.path)
@@ -274,7 +280,7 @@ class MachineConfig:
             raise ConfigError(f"test_devices: unknown {', '.join(sorted(unknown))}; "
                               f"choose from {', '.join(TEST_DEVICES)}")
         return dataclasses.replace(self, kernel=kernel, initrd=initrd, memory=memory, disks=disks, nets=nets,
-                                   vsock=vsock, modules=modules, test_devices=test_devices,
+                                   vsock=vsock, shares=shares, modules=modules, test_devices=test_devices,
                                    rng=bool(self.rng), pit=bool(self.pit))
 
     @property
@@ -293,6 +299,8 @@ class MachineConfig:
             "disks": [{"path": str(d.path), "read_only": d.read_only} for d in map(as_disk, c.disks)],
             "nets": [dataclasses.asdict(n) for n in map(as_net, c.nets)],
             "vsock": None if c.vsock is None else dataclasses.asdict(as_vsock(c.vsock)),
+            "shares": [{"host_dir": str(s.host_dir), "tag": s.tag, "read_only": s.read_only,
+                        "cache": CacheMode(s.cache).value} for s in c.shares if isinstance(s, ShareConfig)],
             "modules": [{"path": str(m.path), "string": m.string} for m in map(as_module, c.modules)],
             "test_devices": list(c.test_devices),
         }
@@ -308,6 +316,8 @@ class MachineConfig:
                 disks=tuple(DiskConfig(Path(x["path"]), bool(x["read_only"])) for x in d.get("disks", ())),
                 nets=tuple(NetConfig(**x) for x in d.get("nets", ())),
                 vsock=None if d.get("vsock") is None else VsockConfig(**d["vsock"]),
+                shares=tuple(ShareConfig(Path(x["host_dir"]), x["tag"], bool(x["read_only"]), CacheMode(x["cache"]))
+                             for x in d.get("shares", ())),
                 modules=tuple(ModuleConfig(Path(x["path"]), x["string"]) for x in d.get("modules", ())),
                 test_devices=tuple(d.get("test_devices", ())))
         except (KeyError, TypeError, ValueError) as e:
@@ -344,4 +354,4 @@ def as_module(m: ModuleConfig | tuple[str | os.PathLike[str], str]) -> ModuleCon
 
 
 __all__ = ["DEFAULT_CMDLINE", "DEFAULT_MEMORY", "MAX_CMDLINE", "ConfigError", "DiskConfig", "MachineConfig",
-           "ModuleConfig", "NetConfig", "TEST_DEVICES", "VsockConfig", "memory_problem"]
+           "ModuleConfig", "NetConfig", "ShareConfig", "TEST_DEVICES", "VsockConfig", "memory_problem"]

@@ -90,6 +90,7 @@ class DeviceId(enum.IntEnum):
     BLOCK = 2
     ENTROPY = 4
     VSOCK = 19
+    FS = 26
 
 
 class InterruptStatus(enum.IntFlag):
@@ -108,7 +109,7 @@ class SnapshotRefused(KvmError):
 
 
 class NotifyFdOwner(Protocol):
-    """Who polls each queue's QueueNotify eventfd (attach_virtio's slot): lets a back end in the kernel take one."""
+    """Who polls each queue's QueueNotify eventfd (attach_virtio's slot): lets a back end outside kvmpy take one."""
 
     def claim(self, index: int) -> int | None: ...
 
@@ -126,6 +127,8 @@ class VirtioDevice:
     device_id: int = 0
     queue_sizes: tuple[int, ...] = ()
     features: int = VIRTIO_F_VERSION_1
+    # A back end in another process maps guest RAM (vhost-user): the machine must back it with memfds.
+    needs_shared_memory: bool = False
 
     def __init__(self) -> None:
         self.transport: MmioTransport | None = None

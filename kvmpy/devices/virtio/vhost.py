@@ -19,6 +19,13 @@ The kernel side is drivers/vhost/vsock.c. What it expects, in order:
    host sockets connected to it.
 
 The vrings are the guest's rxq (0) and txq (1): vhost-vsock has no event queue.
+
+`BackendVrings` is what every back end outside kvmpy needs from the
+transport, whether it is the kernel (vhost-vsock) or another process
+(vhost-user, kvmpy/devices/virtio/vhost_user.py): the queues' KVM
+ioeventfds as kick fds, and call eventfds the I/O thread turns into
+used-buffer interrupts (why those cannot be irqfds on virtio-mmio: see
+`BackendVrings`).
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..._ioctl import ioctl, ioctl_int, open_device
 from ..._kvm import ffi
 from ...errors import KvmError, KvmIoctlError, VhostUnavailableError, VsockCidInUseError, device_open_error
 from ...memory import GuestMemory
+
+if TYPE_CHECKING:
+    from .iothread import IoThread
+    from .mmio import MmioTransport
 
 VHOST_VSOCK_PATH = "/dev/vhost-vsock"
 
@@ -189,4 +200,82 @@ class VhostVsock:
         return f"VhostVsock({self.path!r}, fd={self.fd})"
 
 
-__all__ = ["VHOST_VSOCK_PATH", "VhostMemoryRegion", "VhostVsock", "memory_table"]
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+class BackendVrings:
+    """The eventfds of `count` vrings that a back end outside kvmpy serves (vhost-vsock, vhost-user).
+
+    kick: the queue's KVM ioeventfd, claimed from the transport so a guest
+    notify reaches the back end without waking Python (without ioeventfd,
+    an eventfd of ours that `kick` signals from `process_queue`). call: an
+    eventfd per vring that the I/O thread waits on and turns into an
+    interrupt through the transport: on virtio-mmio it cannot be an irqfd,
+    since Linux's vm_interrupt handles the vrings only when InterruptStatus
+    has the used-buffer bit, which only the transport sets. err: the back
+    end found the vring broken; `on_error(index)` decides what follows.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.call_fds = [_eventfd() for _ in range(count)]
+        self.err_fds = [_eventfd() for _ in range(count)]
+        self.kick_fds: dict[int, int] = {}  # vring -> kick fd, while the back end has the vring
+        self.calls = 0  # call eventfd wakeups (interrupts the back end asked for)
+        self._iothread: IoThread | None = None
+        self._transport: MmioTransport | None = None
+
+    def start_io(self, iothread: IoThread, transport: Callable[[], MmioTransport | None],
+                 on_error: Callable[[int], None]) -> None:
+        """Poll the call and err eventfds on the VM's I/O thread (`transport()`: the device's, when attached)."""
+        self._iothread = iothread
+
+        def called() -> None:
+            self.calls += 1
+            t = transport()
+            if t is not None:
+                t.raise_used_buffer()
+
+        def errored(index: int) -> None:
+            t = transport()
+            if t is not None:
+                t.run(on_error, index)
+
+        for i in range(self.count):
+            iothread.add_eventfd(self.call_fds[i], called)
+            iothread.add_eventfd(self.err_fds[i], lambda i=i: errored(i))
+
+    def take_kick(self, transport: MmioTransport, index: int) -> int:
+        """The kick fd for vring `index`: its ioeventfd claimed from `transport`, or a fresh eventfd."""
+        if index not in self.kick_fds:
+            self._transport = transport
+            kick = transport.claim_notify_fd(index)
+            self.kick_fds[index] = kick if kick is not None else _eventfd()
+        return self.kick_fds[index]
+
+    def kick(self, index: int) -> None:
+        """Pass on a notify that reached kvmpy (no ioeventfd, or one served at a fast-path switch)."""
+        fd = self.kick_fds.get(index)
+        if fd is not None:
+            os.eventfd_write(fd, 1)
+
+    def release_kicks(self) -> None:
+        """The back end has stopped the vrings: the I/O thread polls their ioeventfds again."""
+        for i, fd in self.kick_fds.items():
+            os.close(fd)
+            if self._transport is not None:
+                self._transport.release_notify_fd(i)
+        self.kick_fds.clear()
+
+    def close(self) -> None:
+        self.release_kicks()
+        for fd in self.call_fds + self.err_fds:
+            if self._iothread is not None:
+                self._iothread.remove(fd)
+            os.close(fd)
+        self.call_fds, self.err_fds = [], []
+        self._iothread = None
+
+
+__all__ = ["BackendVrings", "VHOST_VSOCK_PATH", "VhostMemoryRegion", "VhostVsock", "memory_table"]

@@ -53,7 +53,7 @@ from ...errors import KvmError, VhostUnavailableError
 from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
                    VirtioDevice)
 from .queue import QueueError
-from .vhost import VHOST_VSOCK_PATH, VhostVsock, memory_table
+from .vhost import VHOST_VSOCK_PATH, BackendVrings, VhostVsock, memory_table
 
 if TYPE_CHECKING:
     from .iothread import IoThread
@@ -575,10 +575,7 @@ class VhostVsockDevice(VirtioVsock):
                                         f"(features {self.vhost.features:#x}); use the userspace back end")
         self._used = False      # this fd has an owner and vrings: a reset needs a fresh one
         self.running = False
-        self.kick_fds: list[int] = []  # per vring while the kernel has the queues
-        self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in (RX, TX)]
-        self.err_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in (RX, TX)]
-        self.calls = 0          # call eventfd wakeups (interrupts the kernel asked for)
+        self.vrings = BackendVrings(2)  # rxq and txq's kick/call/err eventfds
 
     def _open_vhost(self) -> VhostVsock:
         vhost = VhostVsock(self.vhost_path)
@@ -591,20 +588,14 @@ class VhostVsockDevice(VirtioVsock):
 
     # -- the I/O thread waits on the kernel's eventfds -----------------------------
 
+    @property
+    def calls(self) -> int:
+        """Call eventfd wakeups: interrupts the kernel asked for."""
+        return self.vrings.calls
+
     def start_io(self, iothread: IoThread) -> None:
         self.iothread = iothread
-        for i in (RX, TX):
-            iothread.add_eventfd(self.call_fds[i], self._called)
-            iothread.add_eventfd(self.err_fds[i], lambda i=i: self._run(self._vring_error, i))
-
-    def _run(self, fn, *args) -> None:
-        if self.transport is not None:
-            self.transport.run(fn, *args)
-
-    def _called(self) -> None:
-        self.calls += 1
-        if self.transport is not None:
-            self.transport.raise_used_buffer()
+        self.vrings.start_io(iothread, lambda: self.transport, self._vring_error)
 
     def _vring_error(self, index: int) -> None:
         assert self.transport is not None
@@ -646,11 +637,9 @@ class VhostVsockDevice(VirtioVsock):
             vhost.set_vring_base(i, q.last_avail_idx)
             vhost.set_vring_addr(i, self._host_address(q.desc_table), self._host_address(q.avail_ring),
                                  self._host_address(q.used_ring))
-            kick = self.transport.claim_notify_fd(i)
-            self.kick_fds.append(kick if kick is not None else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-            vhost.set_vring_kick(i, self.kick_fds[i])
-            vhost.set_vring_call(i, self.call_fds[i])
-            vhost.set_vring_err(i, self.err_fds[i])
+            vhost.set_vring_kick(i, self.vrings.take_kick(self.transport, i))
+            vhost.set_vring_call(i, self.vrings.call_fds[i])
+            vhost.set_vring_err(i, self.vrings.err_fds[i])
         vhost.set_running(True)
         self.running = True
 
@@ -662,16 +651,12 @@ class VhostVsockDevice(VirtioVsock):
             except KvmError as e:
                 log.warning("%s: %s", self.name, e)  # closing the fd stops it anyway
         self.running = False
-        for i, fd in enumerate(self.kick_fds):
-            os.close(fd)
-            if self.transport is not None:
-                self.transport.release_notify_fd(i)
-        self.kick_fds.clear()
+        self.vrings.release_kicks()
 
     def process_queue(self, index: int) -> None:
         # A notify that reached kvmpy (no ioeventfd, or one served at a fast-path switch): pass it on.
-        if self.running and index in (RX, TX):
-            os.eventfd_write(self.kick_fds[index], 1)
+        if self.running:
+            self.vrings.kick(index)
 
     # -- snapshots -------------------------------------------------------------------
 
@@ -701,11 +686,7 @@ class VhostVsockDevice(VirtioVsock):
         if self.vhost is not None:
             self.vhost.close()
             self.vhost = None
-        for fd in self.call_fds + self.err_fds:
-            if self.iothread is not None:
-                self.iothread.remove(fd)
-            os.close(fd)
-        self.call_fds, self.err_fds = [], []
+        self.vrings.close()
         self.iothread = None
 
 
