@@ -17,8 +17,10 @@ from ..errors import KvmError
 SECTOR_SIZE = 512
 
 
-class StorageError(KvmError):
-    """A disk image cannot be opened, read or written; the message names the file."""
+class StorageError(KvmError, OSError):
+    """A disk image cannot be opened, read or written; the message names the file.
+
+    An OSError too, so callers that caught the OSError of opening a raw file still do."""
 
 
 class UnsupportedImageError(StorageError):

@@ -78,7 +78,8 @@ def test_a_bad_image_fails_before_any_vm(kernel, tmp_path):
     small.write_bytes(b"x" * 100)
     c = MicroVMConfig(kernel=kernel, disks=[small])
     c.validate()
-    with pytest.raises(ValueError, match="smaller than one 512-byte sector"):
+    from kvmpy.storage import StorageError
+    with pytest.raises(StorageError, match="smaller than one 512-byte sector"):
         c.machine_config()
 
 

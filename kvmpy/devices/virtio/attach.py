@@ -258,13 +258,14 @@ def devices_from_config(disks: Iterable[Any] = (), nets: Iterable[Any] = (), vso
     made: list[VirtioDevice] = []
     try:
         for d in disks:
+            fmt = None
             if isinstance(d, str):
                 path, ro = parse_disk_arg(d)
             elif isinstance(d, os.PathLike):
                 path, ro = d, False
             else:
-                path, ro = d.path, bool(d.read_only)
-            made.append(BlockDevice(path, read_only=ro))
+                path, ro, fmt = d.path, bool(d.read_only), getattr(d, "format", None)
+            made.append(BlockDevice(path, read_only=ro, format=fmt))
         for n in nets:
             opts = parse_net_arg(n) if isinstance(n, str) else {
                 "tap": getattr(n, "tap", None), "mac": getattr(n, "mac", None),
@@ -304,7 +305,8 @@ def device_from_snapshot(config: dict) -> VirtioDevice:
 
     kind = config.get("kind")
     if kind == "blk":
-        return BlockDevice(config["path"], read_only=bool(config["read_only"]), serial=config.get("serial"))
+        return BlockDevice(config["path"], read_only=bool(config["read_only"]), serial=config.get("serial"),
+                           format=config.get("format"))
     if kind == "net":
         tap = Tap(None, host_address=config["host_address"], bridge=config["bridge"])
         try:
