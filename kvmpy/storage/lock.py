@@ -144,8 +144,9 @@ class ImageLock:
         raise ImageLockedError(f"{self.path}: locked by another process")
 
     def _conflict(self, perm: Permission, byte: int) -> None:
-        holders = [p for p in lock_holders(self.path, byte) if p != os.getpid()] or lock_holders(self.path, byte)
-        who = ("pid " + ", ".join(map(str, holders))) if holders else "another process (pid not visible)"
+        holders = lock_holders(self.path, byte)
+        who = ", ".join(f"pid {p}" + (" (this process, another open)" if p == os.getpid() else "") for p in holders)
+        who = who or "another process (pid not visible)"
         mode = "write" if self.write else "read-only"
         theirs = "uses it" if byte < LOCK_SHARED_BASE else "refuses to share it for writing"
         raise ImageLockedError(f"{self.path}: cannot open for {mode} access: {who} {theirs} "

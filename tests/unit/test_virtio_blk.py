@@ -203,7 +203,9 @@ def test_devices_from_config_makes_disks_rng_and_vsock(tmp_path, image):
         cid: int
         uds_path: str
 
-    devs = devices_from_config([f"{image},ro", image], vsock=Vsock(7, str(tmp_path / "v.sock")))
+    second = tmp_path / "second.img"
+    second.write_bytes(bytes(4096))  # not `image` again: a reader and a writer of one image conflict (locks)
+    devs = devices_from_config([f"{image},ro", second], vsock=Vsock(7, str(tmp_path / "v.sock")))
     try:
         assert [type(d).__name__ for d in devs] == ["BlockDevice", "BlockDevice", "EntropyDevice", "VsockDevice"]
         assert devs[0].read_only and not devs[1].read_only
