@@ -3,10 +3,12 @@
 # Python headers and the kernel's uapi headers (linux-libc-dev: <linux/kvm.h>,
 # <linux/vhost.h>) for the cffi bindings, binutils for tiny test guests, and
 # what the guest kernel build needs (Debian's linux-source, busybox-static,
-# flex, bison, bc, libelf, libssl). Skips apt when everything is present.
+# flex, bison, bc, libelf, libssl). qemu-utils (qemu-img, qemu-io) and strace are
+# the independent references of the storage tests; kvmpy does not use them at run
+# time. Skips apt when everything is present.
 set -eu
 pkgs="python3 python3-venv python3-dev gcc linux-libc-dev make binutils linux-source busybox-static \
-flex bison bc libelf-dev libssl-dev cpio xz-utils e2fsprogs iproute2"
+flex bison bc libelf-dev libssl-dev cpio xz-utils e2fsprogs iproute2 qemu-utils strace"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
