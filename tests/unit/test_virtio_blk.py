@@ -193,3 +193,35 @@ def test_devices_from_config_closes_what_it_made_on_error(tmp_path, image):
     with pytest.raises(OSError, match="missing.img"):
         devices_from_config([image, tmp_path / "missing.img"])
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_qcow2_image_through_the_device(mem, tmp_path):
+    import shutil as _shutil
+
+    from kvmpy.storage import create_overlay, create_qcow2
+    if _shutil.which("qemu-img") is None:
+        pytest.skip("qemu-utils not installed")
+    from storage_helpers import assert_clean
+    img = create_qcow2(tmp_path / "d.qcow2", SECTORS * 512)
+    dev, t, q, drv = bring_up(mem, img)
+    assert dev.image.format == "qcow2" and drv.config(0, 8) == SECTORS
+    assert request(q, RequestType.OUT, sector=7, data=b"\xC7" * 1024)[0] == BlkStatus.OK
+    assert request(q, RequestType.FLUSH)[0] == BlkStatus.OK
+    status, _, data = request(q, RequestType.IN, sector=6, in_len=2048)
+    assert status == BlkStatus.OK and data == bytes(512) + b"\xC7" * 1024 + bytes(512)
+    dev.close()
+    assert_clean(img)
+    # An overlay handed to the device as an open DiskImage: reads the base, writes only the overlay.
+    with create_overlay(img) as ov:
+        dev2, _, q2, _ = bring_up(mem, ov)
+        assert request(q2, RequestType.IN, sector=7, in_len=512)[2] == b"\xC7" * 512
+        assert request(q2, RequestType.OUT, sector=7, data=b"\x01" * 512)[0] == BlkStatus.OK
+        assert request(q2, RequestType.IN, sector=7, in_len=512)[2] == b"\x01" * 512
+
+
+def test_format_override_serves_a_qcow2_file_as_raw(mem, tmp_path):
+    from kvmpy.storage import create_qcow2
+    img = create_qcow2(tmp_path / "d.qcow2", 1 << 20)
+    dev, t, q, _ = bring_up(mem, img, format="raw", read_only=True)
+    assert dev.image.format == "raw"
+    assert request(q, RequestType.IN, sector=0, in_len=512)[2][:4] == b"QFI\xfb"
