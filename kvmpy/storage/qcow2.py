@@ -305,9 +305,8 @@ class Qcow2Image(DiskImage):
 
     def _bump(self, n: int) -> int:
         """Reserve `n` fresh clusters at the end of the file (no refcount yet)."""
-        off = self.end
+        off = self.end  # past everything in the file: fresh clusters read as zeros
         self.end += n * self.cluster_size
-        os.ftruncate(self.fd, self.end)  # a hole: fresh clusters read as zeros
         return off
 
     def _alloc(self, n: int) -> int:
@@ -328,6 +327,7 @@ class Qcow2Image(DiskImage):
         for c in range(new_off >> self.cluster_bits, (new_off >> self.cluster_bits) + new_n):
             self._set_refcount(c, 1)
         self._write_refcount_blocks()
+        os.ftruncate(self.fd, max(self.end, os.fstat(self.fd).st_size))
         os.fdatasync(self.fd)                                    # the blocks it points to, first
         os.pwrite(self.fd, _be_bytes(self.rc_table), new_off)
         os.fdatasync(self.fd)                                    # the table, before the header names it
@@ -493,6 +493,8 @@ class Qcow2Image(DiskImage):
             return
         if self.dirty_rb:
             self._write_refcount_blocks()
+        if os.fstat(self.fd).st_size < self.end:
+            os.ftruncate(self.fd, self.end)  # a partly written last cluster: the file covers it whole
         os.fdatasync(self.fd)                                    # 1. data + refcount blocks
         if self.dirty_rt:
             os.pwrite(self.fd, _be_bytes(self.rc_table), self.rt_offset)
