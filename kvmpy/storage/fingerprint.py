@@ -22,7 +22,6 @@ import hashlib
 import os
 import struct
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .image import DiskChangedError, DiskImage, StorageError

@@ -12,7 +12,7 @@ import pytest
 
 from kvmpy.storage import (CorruptImageError, ImageFormat, Qcow2Image, RawImage, StorageError,
                            UnsupportedImageError, create_qcow2, detect_format, open_image)
-from storage_helpers import (assert_clean, assert_same_content, needs_qemu_img, qemu_check, qemu_img,
+from storage_helpers import (assert_clean, assert_same_content, needs_qemu_img, qemu_img,
                              qemu_io_writes)
 
 pytestmark = needs_qemu_img
