@@ -64,15 +64,19 @@ class Event:
     length: int = 0
 
 
-def run_traced(tmp_path: Path, image: Path, breakage: str) -> list[Event]:
-    """OUT of PAYLOAD at DATA_SECTOR, then FLUSH, through the real device in a child under strace; then SIGKILL."""
+def run_traced(tmp_path: Path, image: Path, breakage: str, write_through: bool = False) -> list[Event]:
+    """OUT of PAYLOAD at DATA_SECTOR, then FLUSH, through the real device in a child under strace; then SIGKILL.
+
+    `write_through`: the driver does not negotiate VIRTIO_BLK_F_FLUSH and sends the OUT only."""
+    drop = "VIRTIO_F_EVENT_IDX | (VIRTIO_BLK_F_FLUSH if WT else 0)"
     script = "\n".join([
         "import os, signal, struct, sys",
         f"sys.path[:0] = [{ROOT!r}, {TESTS!r}]",
         BREAKAGES[breakage],
         textwrap.dedent(f"""
             from kvmpy.memory import GuestMemory
-            from kvmpy.devices.virtio.blk import BlockDevice
+            from kvmpy.devices.virtio.blk import BlockDevice, VIRTIO_BLK_F_FLUSH
+            WT = {write_through}
             from kvmpy.devices.virtio.mmio import MmioTransport, VIRTIO_F_EVENT_IDX
             from virtio_driver import Driver
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -80,14 +84,15 @@ def run_traced(tmp_path: Path, image: Path, breakage: str) -> list[Event]:
             dev = BlockDevice({str(image)!r})
             t = MmioTransport(dev, mem, lambda: os.eventfd_write(efd, 1))
             d = Driver(t, mem)
-            d.setup(features=d.device_features() & ~VIRTIO_F_EVENT_IDX)  # an interrupt per request
+            d.setup(features=d.device_features() & ~({drop}))  # an interrupt per request
             q = d.queues[0]
             q.add([struct.pack("<IIQ", 1, 0, {DATA_SECTOR}), {PAYLOAD!r}], [1])
-            q.add([struct.pack("<IIQ", 4, 0, 0)], [1])
-            assert len(q.used_entries()) == 2
+            if not WT:
+                q.add([struct.pack("<IIQ", 4, 0, 0)], [1])
+            assert len(q.used_entries()) == (1 if WT else 2)
             os.kill(os.getpid(), signal.SIGKILL)
         """)])
-    trace = tmp_path / f"trace-{breakage}.txt"
+    trace = tmp_path / f"trace-{breakage}-{write_through}.txt"
     proc = subprocess.run(["strace", "-f", "-qq", "-y", "-s", "0", "-o", str(trace),
                            "-e", "trace=pwrite64,pwritev,pwritev2,write,fdatasync,fsync",
                            sys.executable, "-c", script], capture_output=True, timeout=120)
@@ -122,9 +127,10 @@ def synced_between(events: list[Event], i: int, j: int) -> bool:
 
 
 def flush_irq(events: list[Event]) -> int:
+    """The interrupt that tells the guest its data is durable: FLUSH's (or, write-through, the OUT's)."""
     irqs = [i for i, e in enumerate(events) if e.kind == "irq"]
-    assert len(irqs) == 2, f"expected an interrupt for OUT and one for FLUSH: {events}"
-    return irqs[1]
+    assert len(irqs) in (1, 2), f"expected an interrupt per request: {events}"
+    return irqs[-1]
 
 
 def check_raw(events: list[Event]) -> None:
@@ -160,6 +166,19 @@ def test_raw_flush_syncs_before_completion(tmp_path):
     img.write_bytes(bytes(64 * 512))
     check_raw(run_traced(tmp_path, img, "none"))
     assert img.read_bytes()[DATA_SECTOR * 512:DATA_SECTOR * 512 + len(PAYLOAD)] == PAYLOAD
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_write_through_without_flush_feature_syncs_each_out(tmp_path, fmt):
+    if fmt == "raw":
+        img = tmp_path / "d.img"
+        img.write_bytes(bytes(64 * 512))
+        check_raw(run_traced(tmp_path, img, "none", write_through=True))
+        with pytest.raises(AssertionError, match="no fdatasync"):
+            check_raw(run_traced(tmp_path, img, "no_fdatasync", write_through=True))
+    else:
+        img = create_qcow2(tmp_path / "d.qcow2", 1 << 20)
+        check_qcow2(run_traced(tmp_path, img, "none", write_through=True), img)
 
 
 def test_raw_check_fails_without_fdatasync(tmp_path):
