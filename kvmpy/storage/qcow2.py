@@ -57,6 +57,8 @@ QCOW_OFLAG_COPIED = 1 << 63
 QCOW_OFLAG_COMPRESSED = 1 << 62
 QCOW_OFLAG_ZERO = 1
 MAX_BACKING_DEPTH = 32
+MAX_L1_BYTES = 32 << 20        # QEMU's limits (QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE): a header
+MAX_REFTABLE_BYTES = 8 << 20   # asking for more is refused before anything is allocated
 MAX_DIRTY_TABLES = 64  # write-back cache bound: a guest that never flushes still gets metadata written
 
 
@@ -169,6 +171,9 @@ class Qcow2Image(DiskImage):
         need_l1 = -(-size // (cs * self.l2_entries))
         if l1_size < need_l1:
             raise CorruptImageError(f"{path}: L1 table has {l1_size} entries, {need_l1} needed for {size} bytes")
+        if 8 * l1_size > MAX_L1_BYTES or rt_clusters * cs > MAX_REFTABLE_BYTES:
+            raise CorruptImageError(f"{path}: L1 table ({l1_size} entries) or refcount table ({rt_clusters} "
+                                    "clusters) larger than QEMU allows")
         self.l1_offset = l1_off
         self.l1 = _be_array("Q", os.pread(self.fd, 8 * l1_size, l1_off).ljust(8 * l1_size, b"\0"))
         self.rt_offset, self.rt_clusters = rt_off, rt_clusters
@@ -321,6 +326,8 @@ class Qcow2Image(DiskImage):
         per_cluster = self.cluster_size // 8
         old_off, old_n = self.rt_offset, self.rt_clusters
         new_n = max(2 * old_n, -(-(needed_index + 1) // per_cluster) + 1)
+        if new_n * self.cluster_size > MAX_REFTABLE_BYTES:
+            raise StorageError(f"{self.path}: the refcount table would exceed {MAX_REFTABLE_BYTES >> 20} MiB")
         new_off = self._bump(new_n)
         self.rc_table.extend([0] * (new_n * per_cluster - len(self.rc_table)))
         self.rt_offset, self.rt_clusters = new_off, new_n

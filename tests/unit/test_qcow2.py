@@ -258,3 +258,12 @@ def subprocess_io(path, cmd: str) -> None:
     import subprocess
     r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+
+
+def test_absurd_table_sizes_in_the_header_are_refused(tmp_path):
+    p = create_qcow2(tmp_path / "huge.qcow2", MiB)
+    with open(p, "r+b") as f:
+        f.seek(36)
+        f.write(struct.pack(">I", 0xFFFF_FFF0))  # l1_size: 32 GiB of L1 table
+    with pytest.raises(CorruptImageError, match="larger than QEMU allows"):
+        open_image(p)

@@ -225,3 +225,18 @@ def test_format_override_serves_a_qcow2_file_as_raw(mem, tmp_path):
     dev, t, q, _ = bring_up(mem, img, format="raw", read_only=True)
     assert dev.image.format == "raw"
     assert request(q, RequestType.IN, sector=0, in_len=512)[2][:4] == b"QFI\xfb"
+
+
+def test_a_corrupt_qcow2_gives_the_guest_an_io_error_not_a_crash(mem, tmp_path):
+    from kvmpy.storage import create_qcow2, open_image
+    img = create_qcow2(tmp_path / "bad.qcow2", 1 << 20)
+    with open_image(img) as i:
+        i.write(0, b"x" * 512)
+        l1_off = i.l1_offset
+    with open(img, "r+b") as f:  # point L1[0] at an unaligned "L2 table"
+        f.seek(l1_off)
+        f.write(struct.pack(">Q", (1 << 63) | 0x10200))
+    dev, t, q, _ = bring_up(mem, img)
+    assert request(q, RequestType.IN, sector=0, in_len=512)[0] == BlkStatus.IOERR
+    assert request(q, RequestType.OUT, sector=0, data=b"y" * 512)[0] == BlkStatus.IOERR
+    assert not t.needs_reset
