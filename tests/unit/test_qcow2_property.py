@@ -1,9 +1,10 @@
-"""Property: any sequence of writes through kvmpy's qcow2 reads back like the same writes into a raw file,
-and leaves an image `qemu-img check` finds clean."""
+"""Property: any sequence of writes through kvmpy's qcow2 reads back like the same writes into a raw file
+and like the same writes done by qemu-io, and leaves an image `qemu-img check` finds clean."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmpy.storage import create_qcow2, open_image
-from storage_helpers import assert_clean, assert_same_content, needs_qemu_img, qemu_img
+from storage_helpers import assert_clean, assert_same_content, needs_qemu_img, qemu_img, qemu_io_writes
 
 pytestmark = needs_qemu_img
 SIZE = 1 << 20
@@ -35,6 +36,7 @@ def test_random_writes_match_a_raw_file(writes, cluster_bits, backed, flush_ever
         else:
             qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={1 << cluster_bits}", d / "t.qcow2",
                      str(SIZE))
+        shutil.copy(d / "t.qcow2", d / "qemu.qcow2")  # the backing file name is absolute: the copy shares it
         with open_image(d / "t.qcow2") as img:
             for i, (off, length, byte) in enumerate(writes):
                 img.write(off, bytes([byte]) * length)
@@ -45,5 +47,7 @@ def test_random_writes_match_a_raw_file(writes, cluster_bits, backed, flush_ever
         (d / "model.raw").write_bytes(model)
         assert_clean(d / "t.qcow2")
         assert_same_content(d / "t.qcow2", d / "model.raw")
+        qemu_io_writes(d / "qemu.qcow2", writes)
+        assert_same_content(d / "t.qcow2", d / "qemu.qcow2")
         with open_image(d / "t.qcow2", readonly=True) as again:  # reopened: the metadata on disk says the same
             assert again.read(0, SIZE) == model
