@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quirks", choices=["auto", "pvm", "none"], default="auto",
                      help="host workarounds: detect (auto), force the PVM set, or none")
     run.add_argument("--disk", action="append", default=[], metavar="IMG[,ro]",
-                     help="a virtio-blk disk on a raw image (repeatable; the first is /dev/vda)")
+                     help="a virtio-blk disk on a raw or qcow2 image, format by magic (repeatable; the first is /dev/vda)")
     run.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,ip=A/P][,mac=M][,bridge=B]",
                      help="a virtio-net NIC on a TAP device kvmpy creates (repeatable; removed at exit)")
     run.add_argument("--vsock", metavar="CID[,backend=auto|vhost|userspace]",

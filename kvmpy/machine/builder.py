@@ -152,7 +152,7 @@ def make_devices(config: MachineConfig, *, existing: Sequence[VirtioDevice] = ()
     try:
         for i, d in enumerate(map(as_disk, config.disks)):
             what = f"disks[{i}] {d.path}"
-            made.append(BlockDevice(d.path, read_only=d.read_only))
+            made.append(BlockDevice(d.path, read_only=d.read_only, format=d.format))
         for i, n in enumerate(map(as_net, config.nets)):
             what = f"nets[{i}]"
             tap = Tap(n.tap, host_address=n.host_address, bridge=n.bridge)
@@ -184,7 +184,8 @@ def device_configs(devices: Iterable[VirtioDevice]) -> dict[str, Any]:
     for dev in devices:
         kind = type(dev).__name__
         if kind == "BlockDevice":
-            disks.append(DiskConfig(Path(dev.path), bool(dev.read_only)))  # type: ignore[attr-defined]
+            disks.append(DiskConfig(Path(dev.path), bool(dev.read_only),  # type: ignore[attr-defined]
+                                    getattr(dev, "format", None)))
         elif kind == "NetDevice":
             owner = dev.owner  # type: ignore[attr-defined]
             nets.append(NetConfig(tap=getattr(owner, "name", None), mac=":".join(f"{b:02x}" for b in dev.mac),  # type: ignore[attr-defined]

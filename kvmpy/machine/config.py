@@ -44,6 +44,7 @@ QUIRKS = ("auto", "pvm", "none")
 ENTRIES = ("auto", "linux64", "pvh", "multiboot")
 TEST_DEVICES = ("debug-exit", "testdev", "fw-cfg", "acpi")
 VSOCK_BACKENDS = ("auto", "vhost", "userspace")
+DISK_FORMATS = ("raw", "qcow2")
 IFNAMSIZ = 16
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
@@ -85,14 +86,25 @@ class DiskConfig:
 
     path: Path
     read_only: bool = False
+    format: str | None = None  # "raw" or "qcow2"; None: by the file's magic
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
-        """`--disk IMG[,ro]`."""
-        path, _, opts = text.partition(",")
-        if not path or opts not in ("", "ro", "rw"):
+        """`--disk IMG[,ro][,format=raw|qcow2]`."""
+        path, *opts = text.split(",")
+        read_only, fmt = False, None
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if opt in ("ro", "rw"):
+                read_only = opt == "ro"
+            elif key == "format" and value in DISK_FORMATS:
+                fmt = value
+            else:
+                raise ConfigError(f"--disk {text!r}: expected IMG or IMG,ro (options: ro, rw, "
+                                  f"format={'|'.join(DISK_FORMATS)})")
+        if not path:
             raise ConfigError(f"--disk {text!r}: expected IMG or IMG,ro")
-        return cls(Path(path), opts == "ro")
+        return cls(Path(path), read_only, fmt)
 
     def validated(self, where: str) -> DiskConfig:
         p = Path(self.path)
@@ -103,7 +115,9 @@ class DiskConfig:
         if not os.access(p, os.R_OK if self.read_only else os.R_OK | os.W_OK):
             raise ConfigError(f"{where} {str(p)!r}: not {'readable' if self.read_only else 'writable'}; "
                               "use DiskConfig(path, read_only=True) (--disk IMG,ro) for a read-only disk")
-        return DiskConfig(p, bool(self.read_only))
+        if self.format is not None and self.format not in DISK_FORMATS:
+            raise ConfigError(f"{where} {str(p)!r}: format {self.format!r}; one of {', '.join(DISK_FORMATS)}")
+        return DiskConfig(p, bool(self.read_only), self.format)
 
 
 @dataclass(frozen=True)
@@ -296,7 +310,8 @@ class MachineConfig:
             "kernel": str(c.kernel), "initrd": None if c.initrd is None else str(c.initrd),
             "cmdline": c.cmdline, "memory": c.memory_bytes, "vcpus": c.vcpus, "quirks": c.quirks,
             "entry": c.entry, "rng": bool(c.rng), "pit": bool(c.pit),
-            "disks": [{"path": str(d.path), "read_only": d.read_only} for d in map(as_disk, c.disks)],
+            "disks": [{"path": str(d.path), "read_only": d.read_only, "format": d.format}
+                      for d in map(as_disk, c.disks)],
             "nets": [dataclasses.asdict(n) for n in map(as_net, c.nets)],
             "vsock": None if c.vsock is None else dataclasses.asdict(as_vsock(c.vsock)),
             "shares": [{"host_dir": str(s.host_dir), "tag": s.tag, "read_only": s.read_only,
@@ -313,7 +328,8 @@ class MachineConfig:
                 kernel=Path(d["kernel"]), initrd=None if d["initrd"] is None else Path(d["initrd"]),
                 cmdline=d["cmdline"], memory=int(d["memory"]), vcpus=int(d["vcpus"]), quirks=d["quirks"],
                 entry=d["entry"], rng=bool(d.get("rng", False)), pit=bool(d.get("pit", True)),
-                disks=tuple(DiskConfig(Path(x["path"]), bool(x["read_only"])) for x in d.get("disks", ())),
+                disks=tuple(DiskConfig(Path(x["path"]), bool(x["read_only"]), x.get("format"))
+                            for x in d.get("disks", ())),
                 nets=tuple(NetConfig(**x) for x in d.get("nets", ())),
                 vsock=None if d.get("vsock") is None else VsockConfig(**d["vsock"]),
                 shares=tuple(ShareConfig(Path(x["host_dir"]), x["tag"], bool(x["read_only"]), CacheMode(x["cache"]))

@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "dirty": 1, "warm": 1,
     # the pieces of a machine
     "x86": 2, "boot": 2, "devices": 2, "stats": 2, "assists": 2, "net": 2, "disk": 2, "guest": 2,
-    "tiny": 2, "virtiofsd": 2,
+    "tiny": 2, "virtiofsd": 2, "storage": 2,
     # the assembly layer
     "machine": 3,
     # what is built on assembled machines (or on the fd layer directly)

@@ -111,9 +111,11 @@ def test_vsock_backend_defaults_to_auto(kernel):
 
 
 def test_a_bad_image_fails_before_any_vm_naming_the_disk(kernel, tmp_path):
+    from kvmpy.storage import StorageError
+
     small = tmp_path / "small.img"
     small.write_bytes(b"x" * 100)
-    with pytest.raises(DeviceError, match=r"disks\[0\] .*small.img.*smaller than one 512-byte sector"):
+    with pytest.raises(StorageError, match=r"small.img.*smaller than one 512-byte sector"):
         make_devices(MachineConfig(kernel=kernel, disks=[small]).validate())
 
 

@@ -1,0 +1,74 @@
+"""Copy-on-write overlays: a qcow2 image whose backing file is a read-only base.
+
+Writes land in the overlay; the base is opened read-only with a shared
+lock, so any number of overlays (VMs, clones, forks) can use one base
+while nobody can open the base for writing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .image import DiskImage, StorageError
+from .qcow2 import Qcow2Image, create_qcow2
+
+
+class OverlayImage(Qcow2Image):
+    """A `Qcow2Image` made by `create_overlay`; a throwaway one deletes its file (and temp dir) on close."""
+
+    base: Path
+    keep: bool
+    _tempdir: Path | None
+
+    def _close(self) -> None:
+        super()._close()
+        if not self.keep:
+            self.path.unlink(missing_ok=True)
+            if self._tempdir is not None:
+                shutil.rmtree(self._tempdir, ignore_errors=True)
+
+
+def create_overlay(base: str | os.PathLike[str] | DiskImage, path: str | os.PathLike[str] | None = None, *,
+                   keep: bool = False, base_format: str | None = None, cluster_bits: int = 16) -> OverlayImage:
+    """A new qcow2 overlay on `base`, opened read-write; `base` is opened read-only (shared lock).
+
+    `path=None` puts it in a fresh temp directory. Unless `keep`, the file
+    is removed when the overlay is closed (a process killed before that
+    leaves it behind in the temp dir). The backing file is recorded as an
+    absolute path with its format, so the overlay works from any directory.
+    """
+    from . import detect_format, open_image
+
+    base_path = Path(base.path if isinstance(base, DiskImage) else base).resolve()
+    fmt = base_format or (base.format if isinstance(base, DiskImage) else detect_format(base_path).value)
+    # Size and format from the base itself (opened read-only, which also proves no writer holds it).
+    with open_image(base_path, format=fmt, readonly=True) as probe:
+        size = probe.size
+    tempdir: Path | None = None
+    if path is None:
+        tempdir = Path(tempfile.mkdtemp(prefix="kvmpy-overlay-"))
+        path = tempdir / f"{base_path.stem}.overlay.qcow2"
+    path = Path(path)
+    if size % 512:
+        raise StorageError(f"{base_path}: size {size} is not a multiple of 512; an overlay needs whole sectors")
+    try:
+        create_qcow2(path, size, backing=str(base_path), backing_format=fmt, cluster_bits=cluster_bits)
+    except BaseException:
+        if tempdir is not None:
+            shutil.rmtree(tempdir, ignore_errors=True)
+        raise
+    try:
+        img = OverlayImage(path)
+    except BaseException:
+        path.unlink(missing_ok=True)  # ours: create_qcow2 refuses an existing path
+        if tempdir is not None:
+            shutil.rmtree(tempdir, ignore_errors=True)
+        raise
+    img.base, img.keep, img._tempdir = base_path, keep, tempdir
+    return img
+
+
+__all__ = ["OverlayImage", "create_overlay"]
