@@ -52,9 +52,9 @@ class VcpuLoop:
         self.handlers: dict[int, Handler] = dict(handlers or {})
         self.accounting = accounting
         self._stop = threading.Event()
-        # True: after a stop() from a device, one more KVM_RUN (immediate_exit) completes the pending
-        # port or MMIO access, as the KVM API document asks before state is saved. A VM that is reset
-        # afterwards (the warm sandbox) skips it and returns at once.
+        # True: after a stop() from a device, one more KVM_RUN (immediate_exit) sees the kick. False:
+        # a stop() during an MMIO write returns at once, the write being complete (the sandbox's
+        # doorbell); port I/O and MMIO reads still take that KVM_RUN, which completes them.
         self.complete_io_on_stop = complete_io_on_stop
 
     def add_handler(self, reason: int, handler: Handler, *, first: bool = False) -> None:
@@ -122,8 +122,6 @@ class VcpuLoop:
                 else:
                     for i in range(off, off + size * count, size):
                         page[i:i + size] = pio_read(port, size).to_bytes(size, "little")
-                if early is not None and early():  # a device asked to stop: no KVM_RUN to see the kick
-                    return IntrExit(_INTR)
                 continue
             if reason == _MMIO:
                 m = run.mmio
@@ -132,12 +130,15 @@ class VcpuLoop:
                     count_mmio(addr)
                 if m.is_write:
                     mmio_write(addr, size, int.from_bytes(bytes(m.data[0:size]), "little"))
+                    # An MMIO write is complete when it exits (KVM advanced RIP): a stop() from the
+                    # device may return now. A port access or an MMIO read is completed by KVM at
+                    # the next KVM_RUN (RIP skip, register write), so those take the kicked run.
+                    if early is not None and early():
+                        return IntrExit(_INTR)
                 else:
                     value = mmio_read(addr, size)
                     for i in range(size):
                         m.data[i] = (value >> (8 * i)) & 0xFF
-                if early is not None and early():
-                    return IntrExit(_INTR)
                 continue
             if reason == _INTR:
                 if self._stop.is_set():

@@ -533,9 +533,9 @@ class _WarmVm:
             pio, mmio = pio_bus(), mmio_bus()
             pio.register(FAULT_PORT_BASE, HOSTCALL_PORT - FAULT_PORT_BASE + 1, self.device, "sandbox")
             mmio.register(DOORBELL_ADDR, 8, self.doorbell, "sandbox doorbell")
-            # The payload runs at CPL3: it cannot write MSRs, debug registers or XCR0 (all #GP),
-            # so the vCPU state it can change is the synced registers and the FPU/SSE state.
-            self.checkpoint: Checkpoint = vm.checkpoint(system=False, dirty_mode=mode)
+            # A CPL3 payload cannot write MSRs, debug registers or XCR0 (all #GP), so the vCPU state
+            # it can change is the synced registers and the FPU/SSE/AVX state; a CPL0 one can.
+            self.checkpoint: Checkpoint = vm.checkpoint(system=not fn.user_mode, dirty_mode=mode)
             handlers = {}
             if mode is DirtyLogMode.RING:
                 handlers[lib.KVM_EXIT_DIRTY_RING_FULL] = self.checkpoint.tracker.on_ring_full

@@ -311,3 +311,10 @@ def test_close_frees_every_warm_vm():
     # malloc arenas of the four new threads (64 MiB each); TAP devices are other tests' business.
     leaks = ResourceSnapshot.take().leaks_since(before, address_space_slack=512 << 20)
     assert [line for line in leaks if "network interfaces" not in line] == []
+
+
+def test_a_cpl0_payloads_msr_writes_are_reset_too():
+    # user_mode=False: the payload can write MSRs, so its checkpoint restores them (KERNEL_GS_BASE here).
+    bump = "mov $0xc0000102, %ecx\n rdmsr\n add $1, %eax\n wrmsr\n ret"
+    with GuestFunction(bump, lang="asm", user_mode=False, warm=True, timeout=20.0) as fn:
+        assert [fn() for _ in range(3)] == [1, 1, 1]
