@@ -73,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"test device: {what}")
     run.add_argument("--quirks", choices=["auto", "pvm", "none"], default="auto",
                      help="host workarounds: detect (auto), force the PVM set, or none")
-    run.add_argument("--disk", action="append", default=[], metavar="IMG[,ro]",
-                     help="a virtio-blk disk on a raw or qcow2 image, format by magic (repeatable; the first is /dev/vda)")
+    run.add_argument("--disk", action="append", default=[], metavar="IMG[,ro][,format=F][,overlay[=PATH]]",
+                     help="a virtio-blk disk on a raw or qcow2 image, format by magic (repeatable; the first is "
+                          "/dev/vda); overlay: the VM writes to a throwaway qcow2 overlay (or one kept at PATH)")
     run.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,ip=A/P][,mac=M][,bridge=B]",
                      help="a virtio-net NIC on a TAP device kvmpy creates (repeatable; removed at exit)")
     run.add_argument("--vsock", metavar="CID[,backend=auto|vhost|userspace]",

@@ -258,16 +258,19 @@ class MicroVM:
 
     @classmethod
     def restore(cls, snapshot: str | os.PathLike[str] | object, *, start: bool = True,
-                console_sink: Callable[[bytes], None] | None = None) -> MicroVM:
+                console_sink: Callable[[bytes], None] | None = None, force_disks: bool = False) -> MicroVM:
         """A new VM continuing from `snapshot` (a directory or an opened `kvmpy.snapshot.Snapshot`).
 
         Memory is mapped copy-on-write from the snapshot, so many clones of
-        one snapshot share it. With `start=False` the VM comes back paused.
+        one snapshot share it; so are the disks: each writable disk gets a
+        throwaway overlay of the clone's own. A disk that changed since the
+        snapshot is refused unless `force_disks`. With `start=False` the VM
+        comes back paused.
         """
         from .snapshot import Snapshot, restore_machine
 
         snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.open(snapshot)  # type: ignore[arg-type]
-        machine, report = restore_machine(snap, console=console_sink)
+        machine, report = restore_machine(snap, console=console_sink, force_disks=force_disks)
         self = cls.__new__(cls)
         self.config = machine.config  # what the clone has, its new TAPs included
         self.console_sink = console_sink

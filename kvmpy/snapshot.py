@@ -90,6 +90,7 @@ class SnapshotData:
     state: dict
     console: bytes = b""
     meta: dict = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # more files to copy in: {name in the snapshot: source}
 
     def write(self, directory: str | os.PathLike[str]) -> Path:
         """Write the snapshot atomically: all of it appears at `directory`, or nothing changes there.
@@ -146,6 +147,11 @@ class SnapshotData:
                            (CONSOLE_FILE, bytes(self.console))):
             _write_synced(d / name, data)
             files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, source in self.files.items():
+            shutil.copyfile(source, d / name)
+            with open(d / name, "rb+") as f:
+                os.fsync(f.fileno())
+            files[name] = {"size": (d / name).stat().st_size, "sha256": _sha256_file(d / name)}
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "kvmpy_version": __version__,
             "created": time.time(), "struct_sizes": struct_sizes(), "config": self.config,
@@ -221,6 +227,8 @@ class Snapshot:
             files = manifest["files"]
             for name in (MEMORY_FILE, STATE_FILE, CONSOLE_FILE):
                 cls._check_file(d / name, files[name], hash_it=name != MEMORY_FILE or verify_memory)
+            for name in set(files) - {MEMORY_FILE, STATE_FILE, CONSOLE_FILE}:  # the disks' overlays
+                cls._check_file(d / name, files[name], hash_it=True)
             if sum(r["size"] for r in manifest["memory"]) != files[MEMORY_FILE]["size"]:
                 raise SnapshotCorruptError(f"{d / MANIFEST}: memory layout does not add up to {MEMORY_FILE}")
         except (KeyError, TypeError) as e:
@@ -272,16 +280,23 @@ def take_snapshot(machine: Machine, directory: str | os.PathLike[str], *, meta: 
     """
     if machine.state not in ("paused", "created"):
         raise SnapshotError(f"the machine is {machine.state}; pause it (Machine.pause()) before a snapshot")
-    try:
-        virtio = machine.virtio.snapshot_configs() if machine.virtio is not None else []
-    except SnapshotRefused as e:  # first: a device that cannot be recreated refuses here
-        raise SnapshotError(f"cannot snapshot: {e}") from None
-    with machine.quiesced():  # the state and memory.bin must be of one instant
+    with machine.quiesced():  # the state, memory.bin and the disks must be of one instant
+        try:
+            virtio = machine.virtio.snapshot_configs() if machine.virtio is not None else []
+        except SnapshotRefused as e:  # first: a device that cannot be recreated refuses here
+            raise SnapshotError(f"cannot snapshot: {e}") from None
         state = machine.snapshot_state()  # refuses what a restore could not rebuild
         config = machine.config.to_dict()
         config["virtio"] = virtio
+        # A disk on an overlay: the overlay as it is now goes into the snapshot (it holds only
+        # the VM's writes), so clones can start from it while the VM writes on.
+        files = {}
+        for i, dev in enumerate(virtio):
+            if dev.get("kind") == "blk" and "overlay" in dev:
+                dev["snapshot_file"] = f"disk{i}.qcow2"
+                files[dev["snapshot_file"]] = Path(dev["overlay"]["file"])
         data = SnapshotData(config, [(r.gpa, r.mapping) for r in machine.memory], state.to_dict(),
-                            machine.console.contents(), dict(meta or {}))
+                            machine.console.contents(), dict(meta or {}), files)
         return data.write(directory)
 
 
@@ -294,8 +309,14 @@ class RestoreReport:
 
 
 def restore_machine(snapshot: Snapshot | str | os.PathLike[str], *,
-                    console: Callable[[bytes], None] | None = None, kvm: Any = None) -> tuple[Machine, RestoreReport]:
-    """A new `Machine` in the snapshot's state, its vCPUs not yet started: call `start()`."""
+                    console: Callable[[bytes], None] | None = None, kvm: Any = None,
+                    force_disks: bool = False) -> tuple[Machine, RestoreReport]:
+    """A new `Machine` in the snapshot's state, its vCPUs not yet started: call `start()`.
+
+    Each writable disk gets a throwaway overlay of the clone's own; a disk
+    that changed since the snapshot (its fingerprint) is refused
+    (`DiskChangedError`) unless `force_disks`.
+    """
     t0 = time.perf_counter()
     snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.open(snapshot)
     recorded = dict(snap.config)
@@ -304,7 +325,7 @@ def restore_machine(snapshot: Snapshot | str | os.PathLike[str], *,
     state = MachineState.from_dict(snap.state)
     # Devices first (a missing disk image or a TAP that cannot be made fails before
     # any VM exists); the builder attaches them, wiring ioeventfd/irqfd as at boot.
-    devices = devices_from_snapshot(virtio)
+    devices = devices_from_snapshot(virtio, directory=snap.directory, force=force_disks)
     config = dataclasses.replace(base, **device_configs(devices))
     try:
         memory = snap.map_memory()

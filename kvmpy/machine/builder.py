@@ -142,6 +142,7 @@ def make_devices(config: MachineConfig, *, existing: Sequence[VirtioDevice] = ()
     """
     from ..devices.virtio.blk import BlockDevice
     from ..devices.virtio.fs import share_devices
+    from ..storage import create_overlay
     from ..devices.virtio.net import NetDevice
     from ..devices.virtio.rng import EntropyDevice
     from ..devices.virtio.vsock import vsock_device
@@ -152,7 +153,11 @@ def make_devices(config: MachineConfig, *, existing: Sequence[VirtioDevice] = ()
     try:
         for i, d in enumerate(map(as_disk, config.disks)):
             what = f"disks[{i}] {d.path}"
-            made.append(BlockDevice(d.path, read_only=d.read_only, format=d.format))
+            if d.overlay:
+                kept = None if d.overlay is True else Path(d.overlay)
+                made.append(BlockDevice(create_overlay(d.path, kept, keep=kept is not None, base_format=d.format)))
+            else:
+                made.append(BlockDevice(d.path, read_only=d.read_only, format=d.format))
         for i, n in enumerate(map(as_net, config.nets)):
             what = f"nets[{i}]"
             tap = Tap(n.tap, host_address=n.host_address, bridge=n.bridge)
@@ -184,8 +189,13 @@ def device_configs(devices: Iterable[VirtioDevice]) -> dict[str, Any]:
     for dev in devices:
         kind = type(dev).__name__
         if kind == "BlockDevice":
-            disks.append(DiskConfig(Path(dev.path), bool(dev.read_only),  # type: ignore[attr-defined]
-                                    getattr(dev, "format", None)))
+            image = dev.image  # type: ignore[attr-defined]
+            base = getattr(image, "base", None)  # an overlay's read-only base
+            if base is not None:
+                disks.append(DiskConfig(Path(base), False, None, True if not image.keep else str(image.path)))
+            else:
+                disks.append(DiskConfig(Path(dev.path), bool(dev.read_only),  # type: ignore[attr-defined]
+                                        getattr(dev, "format", None)))
         elif kind == "NetDevice":
             owner = dev.owner  # type: ignore[attr-defined]
             nets.append(NetConfig(tap=getattr(owner, "name", None), mac=":".join(f"{b:02x}" for b in dev.mac),  # type: ignore[attr-defined]

@@ -87,24 +87,31 @@ class DiskConfig:
     path: Path
     read_only: bool = False
     format: str | None = None  # "raw" or "qcow2"; None: by the file's magic
+    # A copy-on-write qcow2 overlay on `path` (then only read, with a shared lock):
+    # True for a throwaway one (deleted with the VM), or the path of one to keep.
+    overlay: bool | str = False
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
-        """`--disk IMG[,ro][,format=raw|qcow2]`."""
+        """`--disk IMG[,ro][,format=raw|qcow2][,overlay[=PATH]]`."""
         path, *opts = text.split(",")
-        read_only, fmt = False, None
+        read_only, fmt, overlay = False, None, False
         for opt in opts:
-            key, _, value = opt.partition("=")
+            key, eq, value = opt.partition("=")
             if opt in ("ro", "rw"):
                 read_only = opt == "ro"
             elif key == "format" and value in DISK_FORMATS:
                 fmt = value
+            elif key == "overlay" and (not eq or value):
+                overlay = value if eq else True
             else:
                 raise ConfigError(f"--disk {text!r}: expected IMG or IMG,ro (options: ro, rw, "
-                                  f"format={'|'.join(DISK_FORMATS)})")
+                                  f"format={'|'.join(DISK_FORMATS)}, overlay[=PATH])")
         if not path:
             raise ConfigError(f"--disk {text!r}: expected IMG or IMG,ro")
-        return cls(Path(path), read_only, fmt)
+        if read_only and overlay:
+            raise ConfigError(f"--disk {text!r}: an overlay is for writing; drop ro or overlay")
+        return cls(Path(path), read_only, fmt, overlay)
 
     def validated(self, where: str) -> DiskConfig:
         p = Path(self.path)
@@ -112,12 +119,16 @@ class DiskConfig:
             raise ConfigError(f"{where} {str(p)!r}: is a directory, not a disk image")
         if not (p.is_file() or p.is_block_device()):
             raise ConfigError(f"{where} {str(p)!r}: no such file or block device")
-        if not os.access(p, os.R_OK if self.read_only else os.R_OK | os.W_OK):
+        if self.overlay and self.read_only:
+            raise ConfigError(f"{where} {str(p)!r}: an overlay is for writing; drop read_only or overlay")
+        if self.overlay and not isinstance(self.overlay, bool) and Path(self.overlay).exists():
+            raise ConfigError(f"{where} overlay {self.overlay!r}: exists; an overlay is made new (remove it)")
+        if not os.access(p, os.R_OK if self.read_only or self.overlay else os.R_OK | os.W_OK):
             raise ConfigError(f"{where} {str(p)!r}: not {'readable' if self.read_only else 'writable'}; "
                               "use DiskConfig(path, read_only=True) (--disk IMG,ro) for a read-only disk")
         if self.format is not None and self.format not in DISK_FORMATS:
             raise ConfigError(f"{where} {str(p)!r}: format {self.format!r}; one of {', '.join(DISK_FORMATS)}")
-        return DiskConfig(p, bool(self.read_only), self.format)
+        return DiskConfig(p, bool(self.read_only), self.format, self.overlay)
 
 
 @dataclass(frozen=True)
@@ -310,7 +321,7 @@ class MachineConfig:
             "kernel": str(c.kernel), "initrd": None if c.initrd is None else str(c.initrd),
             "cmdline": c.cmdline, "memory": c.memory_bytes, "vcpus": c.vcpus, "quirks": c.quirks,
             "entry": c.entry, "rng": bool(c.rng), "pit": bool(c.pit),
-            "disks": [{"path": str(d.path), "read_only": d.read_only, "format": d.format}
+            "disks": [{"path": str(d.path), "read_only": d.read_only, "format": d.format, "overlay": d.overlay}
                       for d in map(as_disk, c.disks)],
             "nets": [dataclasses.asdict(n) for n in map(as_net, c.nets)],
             "vsock": None if c.vsock is None else dataclasses.asdict(as_vsock(c.vsock)),
@@ -328,7 +339,7 @@ class MachineConfig:
                 kernel=Path(d["kernel"]), initrd=None if d["initrd"] is None else Path(d["initrd"]),
                 cmdline=d["cmdline"], memory=int(d["memory"]), vcpus=int(d["vcpus"]), quirks=d["quirks"],
                 entry=d["entry"], rng=bool(d.get("rng", False)), pit=bool(d.get("pit", True)),
-                disks=tuple(DiskConfig(Path(x["path"]), bool(x["read_only"]), x.get("format"))
+                disks=tuple(DiskConfig(Path(x["path"]), bool(x["read_only"]), x.get("format"), x.get("overlay", False))
                             for x in d.get("disks", ())),
                 nets=tuple(NetConfig(**x) for x in d.get("nets", ())),
                 vsock=None if d.get("vsock") is None else VsockConfig(**d["vsock"]),

@@ -208,23 +208,49 @@ def _add_notify_fds(vm: Any, slot: VirtioSlot) -> None:
         _serve_notifies(slot.iothread, slot.transport, i, efd)
 
 
-def device_from_snapshot(config: dict) -> VirtioDevice:
+def _disk_from_snapshot(config: dict, directory: Any, force: bool) -> VirtioDevice:
+    """A restored disk: read-only ones shared, every writable one on the clone's own throwaway overlay."""
+    from ...storage import DiskRecord, check_disk_record, create_overlay
+    from .blk import BlockDevice
+
+    record = DiskRecord.from_dict(config["record"]) if "record" in config else None
+    serial = config.get("serial")
+    if config.get("snapshot_file"):
+        # The VM's own overlay as it was at the snapshot, kept in the snapshot: the clone
+        # writes to an overlay on it. Only the base chain can have changed since.
+        if record is not None and not force:
+            for rec in record.backing:
+                check_disk_record(rec)
+        copy = os.path.join(os.fspath(directory), config["snapshot_file"])
+        return BlockDevice(create_overlay(copy, base_format="qcow2"), serial=serial)
+    if record is not None and not force:
+        check_disk_record(record)  # DiskChangedError naming the file and what differs
+    if config["read_only"]:
+        return BlockDevice(config["path"], read_only=True, serial=serial, format=config.get("format"))
+    # No write of a clone may reach the disk the snapshot was taken with, or another clone.
+    return BlockDevice(create_overlay(config["path"], base_format=config.get("format")), serial=serial)
+
+
+def device_from_snapshot(config: dict, *, directory: Any = None, force: bool = False) -> VirtioDevice:
     """Recreate a device from its `snapshot_config()` (kvmpy/snapshot.py's restore).
 
-    blk reopens the image by path; net creates a fresh TAP (generated name)
+    blk: a read-only disk is reopened by path (shared); a writable one gets
+    a throwaway copy-on-write overlay of its own, on the disk itself or, for
+    a VM that ran on an overlay, on the snapshot's copy of that overlay in
+    `directory`; a disk whose fingerprint changed since the snapshot is
+    refused (`DiskChangedError`) unless `force`. net creates a fresh TAP (generated name)
     with the recorded host address or bridge and the recorded MAC; vsock
     listens on the recorded socket path, or beside it when another VM (the
     original, a sibling clone) still has it.
     """
     from ...net.tap import Tap
-    from .blk import BlockDevice
     from .net import NetDevice
     from .rng import EntropyDevice
     from .vsock import VsockDevice
 
     kind = config.get("kind")
     if kind == "blk":
-        return BlockDevice(config["path"], read_only=bool(config["read_only"]), serial=config.get("serial"))
+        return _disk_from_snapshot(config, directory, force)
     if kind == "net":
         tap = Tap(None, host_address=config["host_address"], bridge=config["bridge"])
         try:
@@ -242,12 +268,13 @@ def device_from_snapshot(config: dict) -> VirtioDevice:
     raise ValueError(f"virtio device config {config!r}: unknown kind {kind!r} (blk, net, rng, vsock)")
 
 
-def devices_from_snapshot(configs: Iterable[dict]) -> list[VirtioDevice]:
+def devices_from_snapshot(configs: Iterable[dict], *, directory: Any = None,
+                          force: bool = False) -> list[VirtioDevice]:
     """`device_from_snapshot` for each, in order; on an error the devices made so far are closed."""
     made: list[VirtioDevice] = []
     try:
         for c in configs:
-            made.append(device_from_snapshot(c))
+            made.append(device_from_snapshot(c, directory=directory, force=force))
     except BaseException:
         for dev in made:
             dev.close()

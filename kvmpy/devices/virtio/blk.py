@@ -183,9 +183,23 @@ class BlockDevice(VirtioDevice):
         return data_len + 1
 
     def snapshot_config(self) -> dict:
-        """The image is reopened by path on restore: the snapshot does not copy the disk."""
-        return {"kind": "blk", "path": str(self.path), "read_only": self.read_only,
-                "serial": self.device_serial.decode(errors="replace"), "format": self.image.format}
+        """The disk as a restore needs it: path, mode, format, and a record to refuse a changed disk.
+
+        The image is not copied. An overlay also names its base and its own
+        file (the snapshot keeps a copy of the overlay: kvmpy/snapshot.py).
+        Taken with the device quiet (the machine's `quiesced()`); a
+        writable image is flushed first, so the record is of the file as it is.
+        """
+        from ...storage import describe_disk
+        from ...storage.overlay import OverlayImage
+
+        config = {"kind": "blk", "path": str(self.path), "read_only": self.read_only,
+                  "serial": self.device_serial.decode(errors="replace"), "format": self.image.format,
+                  "record": describe_disk(self.image).to_dict()}
+        if isinstance(self.image, OverlayImage):
+            config["overlay"] = {"base": str(self.image.base), "file": str(self.image.path),
+                                 "keep": bool(self.image.keep)}
+        return config
 
     def close(self) -> None:
         """Flush and close the image (releasing its lock)."""
