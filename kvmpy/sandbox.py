@@ -53,6 +53,7 @@ from .kvm import Kvm
 from .memory import GuestMemory, parse_size
 from .runloop import VcpuLoop
 from .x86 import modes
+from .x86.arch import ERROR_CODE_VECTORS, Cr0, Cr4, Efer, Rflags, Vector
 from .x86.asm import assemble
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "sandbox_guest"
@@ -80,10 +81,8 @@ MAX_OUTPUT = 1 << 20
 _ABI = struct.Struct("<Q6QqQQ")  # magic, args[6], ret, heap_start, heap_end
 _ABI_ARGS, _ABI_RET, _ABI_HEAP_START = ABI_ADDR + 8, ABI_ADDR + 56, ABI_ADDR + 64
 
-RFLAGS_IOPL3 = 3 << 12
-GP_VECTOR = 13
+GP_VECTOR = Vector.GP
 _OUT_HOSTCALL = bytes([0xE6, HOSTCALL_PORT])  # out %al, $0xE0
-_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 EXCEPTION_NAMES = {
     0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint", 4: "#OF overflow",
     5: "#BR bound range", 6: "#UD invalid opcode", 7: "#NM device not available", 8: "#DF double fault",
@@ -476,20 +475,20 @@ class _Run:
         tr.base, tr.limit, tr.selector = modes.TSS_ADDR, 0x67, modes.TSS_SEL
         tr.type, tr.present, tr.s, tr.dpl, tr.db, tr.l, tr.g, tr.unusable = 0xB, 1, 0, 0, 0, 0, 0, 0
         s.cr3 = modes.PML4_ADDR
-        s.cr4 = modes.CR4_PAE | modes.CR4_OSFXSR | modes.CR4_OSXMMEXCPT
-        s.cr0 = modes.CR0_PE | modes.CR0_MP | modes.CR0_ET | modes.CR0_NE | modes.CR0_WP | modes.CR0_PG
-        s.efer = modes.EFER_LME | modes.EFER_LMA
+        s.cr4 = Cr4.PAE | Cr4.OSFXSR | Cr4.OSXMMEXCPT
+        s.cr0 = Cr0.PE | Cr0.MP | Cr0.ET | Cr0.NE | Cr0.WP | Cr0.PG
+        s.efer = Efer.LME | Efer.LMA
         vcpu.set_sregs(s)
         r = vcpu.get_regs()
         for name, v in zip(("rdi", "rsi", "rdx", "rcx", "r8", "r9"), values):
             setattr(r, name, v)
-        rflags = modes.RFLAGS_RESERVED | RFLAGS_IOPL3
+        rflags = Rflags.FIXED | Rflags.IOPL
         if self.fn.user_mode:
             # iretq frame on the kernel stack: RIP, CS, RFLAGS, RSP, SS.
             frame = KSTACK_TOP - 40
             self.mem.write(frame, struct.pack("<5Q", self.fn.image.entry, modes.USER_CODE64_SEL, rflags,
                                               self.user_rsp, modes.USER_DATA_SEL))
-            r.rip, r.rsp, r.rflags = ENTER_STUB_ADDR, frame, modes.RFLAGS_RESERVED
+            r.rip, r.rsp, r.rflags = ENTER_STUB_ADDR, frame, Rflags.FIXED
         else:
             r.rip, r.rsp, r.rflags = self.fn.image.entry, self.user_rsp, rflags
         vcpu.set_regs(r)
@@ -571,15 +570,15 @@ class _Run:
         rsp = vcpu.get_regs().rsp
         cr2 = vcpu.get_sregs().cr2
         error_code = None
-        if vector in _ERROR_CODE_VECTORS:
+        if vector in ERROR_CODE_VECTORS:
             error_code = self.mem.read_u64(rsp)
             rsp += 8
         rip, cs = struct.unpack("<QQ", self.mem.read(rsp, 16))
         cpl = cs & 3
-        if vector == 14 and cr2 >= self.fn.memory:
+        if vector == Vector.PF and cr2 >= self.fn.memory:
             return MemoryLimitExceeded(vector, rip, cr2, error_code, cpl,
                                        f"address {cr2:#x} is beyond the memory limit of {self.fn.memory >> 20} MiB")
-        if vector == 14 and cr2 < ABI_ADDR:
+        if vector == Vector.PF and cr2 < ABI_ADDR:
             return GuestFault(vector, rip, cr2, error_code, cpl,
                               f"address {cr2:#x} is in the supervisor-only first 2 MiB (a null pointer?)")
         return GuestFault(vector, rip, cr2, error_code, cpl)

@@ -30,6 +30,7 @@ from typing import Any
 from .._kvm import lib
 from ..exits import InternalErrorExit, MsrExit
 from ..memory import GuestMemory
+from .arch import Rflags
 from .msr_filter import MsrFilter
 
 MSR_STAR = 0xC000_0081
@@ -44,7 +45,6 @@ RESERVED = [(TABLES_GPA, 3 * 4096)]
 
 _PRESENT, _RW, _USER = 1, 2, 4
 _ADDR = 0x000F_FFFF_FFFF_F000
-_RFLAGS_IF = 1 << 9
 _SYNC = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
 
 
@@ -118,7 +118,7 @@ class SyscallTrap:
             return False
         sregs = run.s.regs.sregs
         lstar = self.guest_lstar.get(vcpu.id)
-        if lstar is None or sregs.cs.dpl != 3 or regs.rflags & _RFLAGS_IF:
+        if lstar is None or sregs.cs.dpl != 3 or regs.rflags & Rflags.IF:
             return False  # a jump to the trap page, not a SYSCALL
         cs = self.kernel_cs[vcpu.id]
         _load_flat(sregs.cs, cs, code=True)
