@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Mapping
 
 from ..cache import cache_root, store
+from ..errors import KvmError
 
 NEWC_MAGIC = b"070701"
 TRAILER_NAME = "TRAILER!!!"
@@ -79,7 +80,7 @@ DEFAULT_DEVICES: tuple[tuple[str, int, int, int], ...] = (
 DEFAULT_DIRECTORIES: tuple[str, ...] = ("/dev", "/proc", "/sys", "/tmp", "/root", "/etc")
 
 
-class InitramfsError(ValueError):
+class InitramfsError(KvmError, ValueError):
     """An initramfs member or input is invalid; the message names it and the fix."""
 
 
