@@ -180,3 +180,22 @@ def test_stat_plot_samples_and_writes_a_png(served, tmp_path):
     out = run_stat(tmp_path, "--plot", str(png), "--duration", "0.5", "--interval", "0.1")
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_servers_of_one_name_in_one_process_both_answer(tmp_path):
+    # Two Machines booting kernels with the same file name: neither may unlink the other's socket.
+    with ControlServer(FixedSource({"vm": "first"}), name="bzImage", directory=tmp_path) as first, \
+            ControlServer(FixedSource({"vm": "second"}), name="bzImage", directory=tmp_path) as second:
+        assert first.path != second.path and first.path.exists() and second.path.exists()
+        assert (query(first.path)["vm"], query(second.path)["vm"]) == ("first", "second")
+        assert sorted(s.name for s in list_sockets(tmp_path)) == ["bzImage", "bzImage-2"]
+        assert query(second.path)["name"] == "bzImage-2"  # the name the reply carries is the listed one
+        out = run_stat(tmp_path, "--json", "bzImage-2")
+        assert out.returncode == 0, out.stderr
+        (snap,) = json.loads(out.stdout)["vms"]
+        assert snap["name"] == "bzImage-2"
+        first.close()
+        assert second.path.exists() and query(second.path)["vm"] == "second"
+        with ControlServer(FixedSource({"vm": "third"}), name="bzImage", directory=tmp_path) as third:
+            assert third.name == "bzImage"  # the first's name is free again
+            assert query(second.path)["vm"] == "second"
