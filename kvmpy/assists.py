@@ -51,11 +51,12 @@ from .x86.decode import Decoder, Fault, Instruction, effective_address, read_reg
 # A hook sees the raw exit first (before any register ioctl) and returns True if it handled it.
 Hook = Callable[[Any, InternalErrorExit], bool]
 
-# Short names for the x86/arch.py vocabulary used throughout this file.
+# Short names for the x86/arch.py vocabulary used in this file (module globals: fast on exit paths).
 DB_VECTOR, BP_VECTOR, OF_VECTOR, UD_VECTOR = Vector.DB, Vector.BP, Vector.OF, Vector.UD
 NM_VECTOR, GP_VECTOR, PF_VECTOR, MF_VECTOR = Vector.NM, Vector.GP, Vector.PF, Vector.MF
 RFLAGS_TF, RFLAGS_OF, RFLAGS_AC = Rflags.TF, Rflags.OF, Rflags.AC
-CR0_MP, CR0_TS, CR4_PGE, CR4_PCIDE, CR4_OSXSAVE = Cr0.MP, Cr0.TS, Cr4.PGE, Cr4.PCIDE, Cr4.OSXSAVE
+CR0_PE, CR0_MP, CR0_TS = Cr0.PE, Cr0.MP, Cr0.TS
+CR4_TSD, CR4_PGE, CR4_PCIDE, CR4_OSXSAVE = Cr4.TSD, Cr4.PGE, Cr4.PCIDE, Cr4.OSXSAVE
 FSW_ES = 1 << 7
 
 
@@ -110,7 +111,7 @@ def _into(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fa
 
 def _int_n(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
     vector = insn.imms[0] & 0xFF
-    if sregs.cr0 & Cr0.PE:
+    if sregs.cr0 & CR0_PE:
         fault = a.check_gate(vcpu, sregs, vector)
         if fault is not None:
             return fault
@@ -228,7 +229,7 @@ def _rdtscp(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> 
     # The guest's TSC and TSC_AUX as KVM keeps them (Unicorn's own clock would be wrong).
     if not a.cpuid(vcpu, 0x8000_0001, 0)[3] & (1 << 27):
         return Fault(UD_VECTOR)  # as KVM: RDTSCP follows the guest's CPUID
-    if sregs.cr4 & Cr4.TSD and _cpl(sregs):
+    if sregs.cr4 & CR4_TSD and _cpl(sregs):
         return Fault(GP_VECTOR, 0)
     msrs = vcpu.get_msrs([MSR_IA32_TSC, MSR_TSC_AUX])
     tsc = msrs.get(MSR_IA32_TSC)

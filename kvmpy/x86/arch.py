@@ -9,6 +9,11 @@ arch/x86/include/uapi/asm/processor-flags.h also follows.
 
 A leaf module: it imports nothing from kvmpy, so every layer may use it,
 the fd layer (memory.py's page walk) included.
+
+On exit paths, bind the members you test to module globals (`_CR0_PG =
+Cr0.PG`): looking a member up on its class costs ~0.3 us, because EnumType
+defines `__getattr__`, which sends every class attribute lookup through
+Python (scripts/bench_arch.py); the operators themselves cost what int's do.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, TypeVar
 
 _F = TypeVar("_F", bound=enum.IntFlag)
 
-# The operators IntFlag adds are Python methods (~1 us each, measured: scripts/bench_arch.py);
+# The operators IntFlag adds are Python methods (~1 us each: scripts/bench_arch.py);
 # register values are tested against these bits on exit paths, so use int's C operators
 # (~25 ns) and get plain ints back. `Cr0(value)` still names the bits of a value.
 _INT_OPERATORS = ("__or__", "__and__", "__xor__", "__ror__", "__rand__", "__rxor__", "__invert__")
@@ -186,11 +191,16 @@ class CpuMode(enum.StrEnum):
     @property
     def ia32e(self) -> bool:
         """True in IA-32e (long) mode, EFER.LMA = 1: 16-byte IDT gates, 64-bit page tables."""
-        return self in (CpuMode.COMPAT16, CpuMode.COMPAT32, CpuMode.LONG64)
+        return self in _IA32E
 
 
 _BITS = {CpuMode.REAL: 16, CpuMode.VM86: 16, CpuMode.PROTECTED16: 16, CpuMode.PROTECTED32: 32,
          CpuMode.COMPAT16: 16, CpuMode.COMPAT32: 32, CpuMode.LONG64: 64}
+_IA32E = frozenset({CpuMode.COMPAT16, CpuMode.COMPAT32, CpuMode.LONG64})
+# cpu_mode runs on every completion exit: module globals, not class lookups (see the top).
+_PE, _LMA, _VM = Cr0.PE, Efer.LMA, Rflags.VM
+_REAL, _VM86, _P16, _P32 = CpuMode.REAL, CpuMode.VM86, CpuMode.PROTECTED16, CpuMode.PROTECTED32
+_C16, _C32, _L64 = CpuMode.COMPAT16, CpuMode.COMPAT32, CpuMode.LONG64
 
 
 def cpu_mode(sregs: Any, rflags: int | None = None) -> CpuMode:
@@ -200,17 +210,17 @@ def cpu_mode(sregs: Any, rflags: int | None = None) -> CpuMode:
     as protected16/32, its CS as KVM reports it. CS.L = 1 with CS.D = 1 is
     reserved (loading it raises #GP), so CS.L decides.
     """
-    if not sregs.cr0 & Cr0.PE:
-        return CpuMode.REAL
-    if sregs.efer & Efer.LMA:
+    if not sregs.cr0 & _PE:
+        return _REAL
+    if sregs.efer & _LMA:
         if sregs.cs.l:
-            return CpuMode.LONG64
-        return CpuMode.COMPAT32 if sregs.cs.db else CpuMode.COMPAT16
-    if rflags is not None and rflags & Rflags.VM:
-        return CpuMode.VM86
-    return CpuMode.PROTECTED32 if sregs.cs.db else CpuMode.PROTECTED16
+            return _L64
+        return _C32 if sregs.cs.db else _C16
+    if rflags is not None and rflags & _VM:
+        return _VM86
+    return _P32 if sregs.cs.db else _P16
 
 
 def cpl(sregs: Any) -> int:
     """The current privilege level: CS.DPL in protected and IA-32e modes, 0 in real mode."""
-    return sregs.cs.dpl if sregs.cr0 & Cr0.PE else 0
+    return sregs.cs.dpl if sregs.cr0 & _PE else 0

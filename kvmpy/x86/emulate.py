@@ -61,6 +61,7 @@ MSR_FS_BASE = 0xC000_0100
 MSR_GS_BASE = 0xC000_0101
 
 RFLAGS_TF = Rflags.TF
+_CR0_PE = Cr0.PE
 
 
 class UnicornUnsupported(KvmError):
@@ -177,7 +178,7 @@ class _Engine:
             uc.reg_write(ux.UC_X86_REG_CS, sregs.cs.selector)
             for name, reg in _SEGS:
                 seg = getattr(sregs, name)
-                if seg.unusable and sregs.cr0 & Cr0.PE:
+                if seg.unusable and sregs.cr0 & _CR0_PE:
                     uc.reg_write(reg, 0)
                 else:
                     uc.reg_write(reg, seg.selector)
@@ -185,6 +186,11 @@ class _Engine:
                 uc.reg_write(ux.UC_X86_REG_MSR, (MSR_FS_BASE, sregs.fs.base))
                 uc.reg_write(ux.UC_X86_REG_MSR, (MSR_GS_BASE, sregs.gs.base))
             loaded["segments"] = segments
+
+
+# One engine per family: real mode, legacy protected mode, IA-32e mode.
+_UC_MODES = {m: unicorn.UC_MODE_16 if m is CpuMode.REAL else unicorn.UC_MODE_64 if m.ia32e else unicorn.UC_MODE_32
+             for m in CpuMode}
 
 
 class UnicornExecutor:
@@ -198,9 +204,7 @@ class UnicornExecutor:
         self.executed = 0
 
     def _engine(self, sregs: Any) -> _Engine:
-        cpu = cpu_mode(sregs)  # one engine per family: real, legacy protected, IA-32e
-        mode = unicorn.UC_MODE_16 if cpu is CpuMode.REAL else \
-            unicorn.UC_MODE_64 if cpu.ia32e else unicorn.UC_MODE_32
+        mode = _UC_MODES[cpu_mode(sregs)]
         engine = self._engines.get(mode)
         if engine is None:
             engine = self._engines[mode] = _Engine(mode, self.memory, self.mmio_bus, self.cpu_model)

@@ -45,6 +45,7 @@ RESERVED = [(TABLES_GPA, 3 * 4096)]
 
 _PRESENT, _RW, _USER = 1, 2, 4
 _ADDR = 0x000F_FFFF_FFFF_F000
+_RFLAGS_IF = Rflags.IF
 _SYNC = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
 
 
@@ -118,7 +119,7 @@ class SyscallTrap:
             return False
         sregs = run.s.regs.sregs
         lstar = self.guest_lstar.get(vcpu.id)
-        if lstar is None or sregs.cs.dpl != 3 or regs.rflags & Rflags.IF:
+        if lstar is None or sregs.cs.dpl != 3 or regs.rflags & _RFLAGS_IF:
             return False  # a jump to the trap page, not a SYSCALL
         cs = self.kernel_cs[vcpu.id]
         _load_flat(sregs.cs, cs, code=True)
