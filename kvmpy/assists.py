@@ -45,33 +45,22 @@ from collections import Counter
 from typing import Any, Callable
 
 from ._kvm import ffi, lib
-from .errors import GuestError, GuestMemoryError
+from .errors import GuestError, GuestMemoryError, KvmError
 from .exits import InternalErrorExit
+from .x86.arch import Cr0, Cr4, Rflags, Vector, cpl as _cpl, cpu_mode
 from .x86.decode import Decoder, Fault, Instruction, effective_address, read_register
 
 # A hook sees the raw exit first (before any register ioctl) and returns True if it handled it.
 Hook = Callable[[Any, InternalErrorExit], bool]
 
-DB_VECTOR = 1
-BP_VECTOR = 3
-OF_VECTOR = 4
-UD_VECTOR = 6
-NM_VECTOR = 7
-GP_VECTOR = 13
-PF_VECTOR = 14
-MF_VECTOR = 16
-
-RFLAGS_TF = 1 << 8
-RFLAGS_OF = 1 << 11
-RFLAGS_AC = 1 << 18
-CR0_MP = 1 << 1
-CR0_TS = 1 << 3
-CR4_PGE = 1 << 7
-CR4_PCIDE = 1 << 17
-CR4_OSXSAVE = 1 << 18
+# Short names for the x86/arch.py vocabulary used in this file (module globals: fast on exit paths).
+DB_VECTOR, BP_VECTOR, OF_VECTOR, UD_VECTOR = Vector.DB, Vector.BP, Vector.OF, Vector.UD
+NM_VECTOR, GP_VECTOR, PF_VECTOR, MF_VECTOR = Vector.NM, Vector.GP, Vector.PF, Vector.MF
+RFLAGS_TF, RFLAGS_OF, RFLAGS_AC = Rflags.TF, Rflags.OF, Rflags.AC
+CR0_PE, CR0_MP, CR0_TS = Cr0.PE, Cr0.MP, Cr0.TS
+CR4_TSD, CR4_PGE, CR4_PCIDE, CR4_OSXSAVE = Cr4.TSD, Cr4.PGE, Cr4.PCIDE, Cr4.OSXSAVE
 FSW_ES = 1 << 7
 
-_BITS = {"real": 16, "protected16": 16, "protected32": 32, "compat": 32, "long64": 64}
 
 
 def handled_as(mnemonic: str) -> str:
@@ -79,7 +68,7 @@ def handled_as(mnemonic: str) -> str:
     return f"completion of {mnemonic}"
 
 
-class CannotComplete(Exception):
+class CannotComplete(KvmError):
     """This instruction, in this state, has no completion: the VM must stop."""
 
 
@@ -111,10 +100,6 @@ def _advance(vcpu: Any, regs: Any, insn: Instruction) -> None:
     vcpu.set_regs(regs)
 
 
-def _cpl(sregs: Any) -> int:
-    return sregs.cs.dpl if sregs.cr0 & 1 else 0
-
-
 # -- event instructions ----------------------------------------------------------------
 
 def _int3(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
@@ -134,7 +119,7 @@ def _into(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fa
 
 def _int_n(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
     vector = insn.imms[0] & 0xFF
-    if sregs.cr0 & 1:
+    if sregs.cr0 & CR0_PE:
         fault = a.check_gate(vcpu, sregs, vector)
         if fault is not None:
             return fault
@@ -252,7 +237,7 @@ def _rdtscp(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> 
     # The guest's TSC and TSC_AUX as KVM keeps them (Unicorn's own clock would be wrong).
     if not a.cpuid(vcpu, 0x8000_0001, 0)[3] & (1 << 27):
         return Fault(UD_VECTOR)  # as KVM: RDTSCP follows the guest's CPUID
-    if sregs.cr4 & (1 << 2) and _cpl(sregs):  # CR4.TSD at CPL > 0
+    if sregs.cr4 & CR4_TSD and _cpl(sregs):
         return Fault(GP_VECTOR, 0)
     msrs = vcpu.get_msrs([MSR_IA32_TSC, MSR_TSC_AUX])
     tsc = msrs.get(MSR_IA32_TSC)
@@ -441,8 +426,7 @@ class Assists:
         be present (#NP(vector*8+2)), its DPL >= CPL (#GP(vector*8+2)), and its
         code segment present (#NP(selector)). The error codes have EXT = 0.
         """
-        long_mode = bool(sregs.efer & (1 << 10))
-        size = 16 if long_mode else 8
+        size = 16 if cpu_mode(sregs).ia32e else 8
         idt_error = vector * 8 + 2
         if vector * size + size - 1 > sregs.idt.limit:
             return Fault(GP_VECTOR, idt_error)
@@ -513,8 +497,8 @@ class Assists:
         start = time.perf_counter()
         regs = vcpu.get_regs()
         sregs = vcpu.get_sregs()
-        mode = vcpu.cpu_mode(sregs)
-        bits = _BITS[mode]
+        mode = cpu_mode(sregs, regs.rflags)
+        bits = mode.bits
         code = self.instruction_bytes(vcpu, exit, regs, sregs) if exit.is_emulation_failure else b""
         insn = self.decoder.decode(code, bits) if code else None
         if insn is None and exit.insn_bytes:

@@ -15,6 +15,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+from .errors import KvmError
 from .memory import parse_size
 
 SUPERBLOCK_OFFSET = 1024
@@ -23,7 +24,7 @@ _S_MNT_COUNT = 0x34  # __le16 s_mnt_count
 _S_MAGIC = 0x38      # __le16 s_magic
 
 
-class DiskImageError(RuntimeError):
+class DiskImageError(KvmError, RuntimeError):
     """An image could not be made or read; the message names the file and the fix."""
 
 

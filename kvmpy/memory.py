@@ -20,6 +20,8 @@ from typing import Iterator
 
 from ._kvm import ffi
 from .errors import GuestMemoryError
+# x86/arch.py is a leaf (it imports nothing from kvmpy), so this is no upward import.
+from .x86.arch import Cr0, Cr4, Efer
 
 PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20
@@ -288,11 +290,7 @@ class GuestMemory:
         self.close()
 
 
-_CR0_PG = 1 << 31
-_CR4_PSE = 1 << 4
-_CR4_PAE = 1 << 5
-_CR4_LA57 = 1 << 12
-_EFER_LMA = 1 << 10
+_CR0_PG, _CR4_PSE, _CR4_PAE, _CR4_LA57, _EFER_LMA = Cr0.PG, Cr4.PSE, Cr4.PAE, Cr4.LA57, Efer.LMA
 _PRESENT = 1
 _PS = 1 << 7
 _ADDR_MASK = 0x000F_FFFF_FFFF_F000

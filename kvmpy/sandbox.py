@@ -79,6 +79,7 @@ from .memory import GuestMemory, parse_size
 from .runloop import VcpuLoop
 from .warm import SYNC_REGS, Checkpoint
 from .x86 import modes
+from .x86.arch import ERROR_CODE_VECTORS, Cr0, Cr4, Efer, Rflags, Vector
 from .x86.asm import assemble
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "sandbox_guest"
@@ -106,10 +107,9 @@ MAX_OUTPUT = 1 << 20
 _ABI = struct.Struct("<Q6QqQQ")  # magic, args[6], ret, heap_start, heap_end
 _ABI_ARGS, _ABI_RET, _ABI_HEAP_START = ABI_ADDR + 8, ABI_ADDR + 56, ABI_ADDR + 64
 
-GP_VECTOR = 13
+GP_VECTOR = Vector.GP
 _FRAME = 40  # RIP, CS, RFLAGS, RSP, SS: what the CPU pushes on TSS.RSP0 for an exception from CPL3
 _OUT_HOSTCALL = bytes([0xE6, HOSTCALL_PORT])  # out %al, $0xE0
-_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 EXCEPTION_NAMES = {
     0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint", 4: "#OF overflow",
     5: "#BR bound range", 6: "#UD invalid opcode", 7: "#NM device not available", 8: "#DF double fault",
@@ -606,14 +606,14 @@ def _setup_cpu(fn: GuestFunction, vcpu: Any, mem: GuestMemory, values: list[int]
     tr.base, tr.limit, tr.selector = modes.TSS_ADDR, 0x67, modes.TSS_SEL
     tr.type, tr.present, tr.s, tr.dpl, tr.db, tr.l, tr.g, tr.unusable = 0xB, 1, 0, 0, 0, 0, 0, 0
     s.cr3 = modes.PML4_ADDR
-    s.cr4 = modes.CR4_PAE | modes.CR4_OSFXSR | modes.CR4_OSXMMEXCPT
-    s.cr0 = modes.CR0_PE | modes.CR0_MP | modes.CR0_ET | modes.CR0_NE | modes.CR0_WP | modes.CR0_PG
-    s.efer = modes.EFER_LME | modes.EFER_LMA
+    s.cr4 = Cr4.PAE | Cr4.OSFXSR | Cr4.OSXMMEXCPT
+    s.cr0 = Cr0.PE | Cr0.MP | Cr0.ET | Cr0.NE | Cr0.WP | Cr0.PG
+    s.efer = Efer.LME | Efer.LMA
     vcpu.set_sregs(s)
     r = vcpu.get_regs()
     for name, v in zip(_ARG_REGS, values):
         setattr(r, name, v)
-    r.rip, r.rsp, r.rflags = PROLOGUE_ADDR, fn.memory - 8, modes.RFLAGS_RESERVED  # IOPL 0, IF 0
+    r.rip, r.rsp, r.rflags = PROLOGUE_ADDR, fn.memory - 8, Rflags.FIXED  # IOPL 0, IF 0
     vcpu.set_regs(r)
     # Every exit leaves regs and sregs in kvm_run: the report checks read them without an ioctl.
     vcpu.run_struct.kvm_valid_regs |= SYNC_REGS
@@ -747,7 +747,7 @@ class _Run:
         if cpl != 0 or rip not in (stub, stub + 2):
             raise ForgedReport(f"a report on fault port {FAULT_PORT_BASE + vector:#x} came from rip {rip:#x} "
                                f"at cpl {cpl}, not from the sandbox's handler for vector {vector} at {stub:#x}")
-        with_code = 8 if vector in _ERROR_CODE_VECTORS else 0
+        with_code = 8 if vector in ERROR_CODE_VECTORS else 0
         if self.fn.user_mode:
             expected = KSTACK_TOP - _FRAME - with_code
             if rsp != expected:
@@ -815,7 +815,7 @@ class _Run:
         assert self.loop is not None
         cr2 = self.loop.vcpu.run_struct.s.regs.sregs.cr2
         error_code = None
-        if vector in _ERROR_CODE_VECTORS:
+        if vector in ERROR_CODE_VECTORS:
             error_code = self.mem.read_u64(rsp)
             rsp += 8
         try:
@@ -823,10 +823,10 @@ class _Run:
         except GuestMemoryError as e:  # only a CPL0 payload (user_mode=False) can move the frame
             raise ForgedReport(f"exception frame for vector {vector} at {rsp:#x} is not guest memory") from e
         cpl = cs & 3
-        if vector == 14 and cr2 >= self.fn.memory:
+        if vector == Vector.PF and cr2 >= self.fn.memory:
             return MemoryLimitExceeded(vector, rip, cr2, error_code, cpl,
                                        f"address {cr2:#x} is beyond the memory limit of {self.fn.memory >> 20} MiB")
-        if vector == 14 and cr2 < ABI_ADDR:
+        if vector == Vector.PF and cr2 < ABI_ADDR:
             return GuestFault(vector, rip, cr2, error_code, cpl,
                               f"address {cr2:#x} is in the supervisor-only first 2 MiB (a null pointer?)")
         return GuestFault(vector, rip, cr2, error_code, cpl)

@@ -21,6 +21,7 @@ from .blobs import from_blob, to_blob
 from .dirty import DirtyRing
 from .errors import KvmError, KvmIoctlError
 from .exits import Exit, IntrExit, decode
+from .x86.arch import CpuMode, cpu_mode
 
 # The signal that kicks a vCPU thread out of KVM_RUN. Its handler does
 # nothing; it is installed from C without SA_RESTART so KVM_RUN sees EINTR.
@@ -370,14 +371,9 @@ class Vcpu:
         self.set_vcpu_events(from_blob("vcpu_events", s["vcpu_events"]))
         return refused
 
-    def cpu_mode(self, sregs: Any | None = None) -> str:
-        """'real', 'protected16', 'protected32', 'long64' or 'compat' from CR0/EFER/CS."""
-        s = sregs if sregs is not None else self.get_sregs()
-        if not s.cr0 & 1:
-            return "real"
-        if s.efer & (1 << 10):
-            return "long64" if s.cs.l else "compat"
-        return "protected32" if s.cs.db else "protected16"
+    def cpu_mode(self, sregs: Any | None = None) -> CpuMode:
+        """The CPU mode from CR0, EFER and CS (kvmpy.x86.arch.cpu_mode): "real", "long64", ..."""
+        return cpu_mode(sregs if sregs is not None else self.get_sregs())
 
     def map_dirty_ring(self, entries: int) -> DirtyRing:
         """mmap this vCPU's dirty ring (KVM_DIRTY_LOG_PAGE_OFFSET pages into the vCPU fd)."""

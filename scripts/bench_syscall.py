@@ -31,6 +31,7 @@ from perfdoc import update_section
 
 from kvmpy.platform import Backend, detect_backend
 from kvmpy.x86 import modes
+from kvmpy.x86.arch import Efer
 from kvmpy.x86.asm import assemble
 from kvmpy.x86.syscall_trap import SyscallTrap
 
@@ -115,7 +116,7 @@ def run_guest(kvm: kvmpy.Kvm, source: str, n: int, *, user: bool, trap: bool) ->
         vcpu.set_cpuid2(kvm.get_supported_cpuid())
         if user:
             modes.setup_long_mode(vcpu, mem, ENTRY, idt={13: ENTRY + 0x400}, tss_rsp0=0x7000,
-                                  user_pages=True, efer_extra=modes.EFER_SCE)
+                                  user_pages=True, efer_extra=Efer.SCE)
         else:
             modes.setup_long_mode(vcpu, mem, ENTRY)
         pio = kvmpy.pio_bus()

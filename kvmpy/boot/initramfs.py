@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Mapping
 
 from ..cache import cache_root, store
+from ..errors import KvmError
 
 NEWC_MAGIC = b"070701"
 TRAILER_NAME = "TRAILER!!!"
@@ -50,23 +51,27 @@ DEFAULT_APPLETS: tuple[str, ...] = (
 INIT_MARKER = "KVMPY-INIT-OK"
 
 DEFAULT_INIT = f"""#!/bin/sh
-# kvmpy default /init (PID 1): mount the kernel file systems, announce
-# that user space is up, give the console an interactive shell, and power
-# off when that shell exits (PID 1 must never exit: the kernel would panic).
+# kvmpy default /init: mount the kernel file systems, announce that user
+# space is up, then become busybox init (still PID 1). init runs the console
+# shell from /etc/inittab and answers `poweroff`, `reboot` and `halt`, which
+# signal PID 1 (SIGUSR2, SIGTERM, SIGUSR1) and which a shell as PID 1 cannot
+# serve: it runs a trap only after its foreground child exits.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 echo {INIT_MARKER}
-# cttyhack finds the real console device (e.g. /dev/ttyS0) and makes it the
-# controlling tty, so job control and Ctrl-C work; setsid gives it a session.
-if [ -x /bin/cttyhack ]; then
-    setsid cttyhack sh
-else
-    sh
-fi
-poweroff -f
+exec /bin/busybox init
+"""
+
+# busybox init's table (<tty>::<action>:<command>; no tty: the console). The
+# console shell runs once, and when it exits the machine powers off (PID 1 must
+# never exit: the kernel would panic). cttyhack finds the real console device
+# (e.g. /dev/ttyS0) and makes it the controlling tty, so job control and Ctrl-C
+# work; setsid gives it a session.
+DEFAULT_INITTAB = """\
+::once:/bin/sh -c 'if [ -x /bin/cttyhack ]; then setsid cttyhack sh; else sh; fi; poweroff'
 """
 
 # The device nodes the kernel needs before devtmpfs is mounted: it opens
@@ -79,7 +84,7 @@ DEFAULT_DEVICES: tuple[tuple[str, int, int, int], ...] = (
 DEFAULT_DIRECTORIES: tuple[str, ...] = ("/dev", "/proc", "/sys", "/tmp", "/root", "/etc")
 
 
-class InitramfsError(ValueError):
+class InitramfsError(KvmError, ValueError):
     """An initramfs member or input is invalid; the message names it and the fix."""
 
 
@@ -341,7 +346,10 @@ def busybox_initramfs(init_script: str = DEFAULT_INIT, *,
                       extra_files: Mapping[str, bytes] | None = None,
                       busybox: Path = BUSYBOX_PATH,
                       applets: Iterable[str] = DEFAULT_APPLETS) -> Initramfs:
-    """The busybox image in memory: dirs, device nodes, busybox, /init, extra files."""
+    """The busybox image in memory: dirs, device nodes, busybox, /init, /etc/inittab, extra files.
+
+    `extra_files` may replace /etc/inittab (DEFAULT_INITTAB), read by busybox init.
+    """
     if not init_script.startswith("#!"):
         raise InitramfsError("init_script: must start with an interpreter line such as "
                              "'#!/bin/sh' (the kernel execs /init directly)")
@@ -352,7 +360,9 @@ def busybox_initramfs(init_script: str = DEFAULT_INIT, *,
         image.add_char_device(path, major, minor, mode)
     add_busybox(image, busybox, applets)
     image.add_file("/init", init_script.encode(), mode=0o755)
-    for path, data in (extra_files or {}).items():
+    files = {"etc/inittab": DEFAULT_INITTAB.encode()}
+    files.update({normalize_path(p): d for p, d in (extra_files or {}).items()})
+    for path, data in files.items():
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"extra_files[{path!r}]: must be bytes, not {type(data).__name__}")
         # Scripts are meant to be run: give "#!" files the execute bits.

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Protocol, Sequence
 
 from ..cache import cache_root
+from ..errors import KvmError
 
 # Bump when the recipe below changes in a way that changes the artifacts
 # (make targets, ARCH, environment, steps): it is part of the cache key.
@@ -72,7 +73,7 @@ _UNSET_LINE = re.compile(r"^#\s*(CONFIG_[A-Za-z0-9_]+) is not set\s*$")
 _BANNER = re.compile(rb"Linux version [^\n\x00]+")
 
 
-class GuestBuildError(RuntimeError):
+class GuestBuildError(KvmError, RuntimeError):
     """The guest kernel could not be built; the message says why and how to fix it."""
 
 

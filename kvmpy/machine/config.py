@@ -95,7 +95,8 @@ class DiskConfig:
     def parse(cls, text: str) -> DiskConfig:
         """`--disk IMG[,ro][,format=raw|qcow2][,overlay[=PATH]]`."""
         path, *opts = text.split(",")
-        read_only, fmt, overlay = False, None, False
+        read_only, fmt = False, None
+        overlay: bool | str = False
         for opt in opts:
             key, eq, value = opt.partition("=")
             if opt in ("ro", "rw"):

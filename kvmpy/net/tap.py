@@ -33,6 +33,8 @@ import psutil
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..errors import KvmError
+
 # <asm-generic/ioctl.h>: _IOW(type, nr, size) for the <linux/if_tun.h> requests.
 _IOC_WRITE = 1
 
@@ -57,7 +59,7 @@ _cleanup_done = False
 _cleanup_lock = threading.Lock()
 
 
-class TapError(OSError):
+class TapError(KvmError, OSError):
     """A TAP could not be created or configured; the message names it and the fix."""
 
 

@@ -7,7 +7,9 @@ Each running VM listens on an AF_UNIX stream socket named
     /run/kvmpy/                (root)
     /tmp/kvmpy-<uid>/          (anything else)
 
-made mode 0700, so only the same user (or root) can connect. The protocol
+made mode 0700, so only the same user (or root) can connect. Names are
+unique per process: a second live server of the same name in one process
+(two VMs booting kernels of the same file name) is `<vmname>-2`, then `-3`. The protocol
 is JSON lines: the client sends one object per line, `{"cmd": "snapshot"}`
 or `{"cmd": "ping"}`, and reads one object per line back,
 `{"ok": true, "pid": ..., "name": ..., "data": {...}}` or
@@ -36,6 +38,10 @@ from ..errors import KvmError
 PROTOCOL_VERSION = 1
 _NAME_RE = re.compile(r"^(\d+)-(.+)\.sock$")
 _MAX_LINE = 1 << 20
+
+# Socket paths of this process's live servers: a second server of a name must not unlink the first's.
+_live_paths: set[Path] = set()
+_live_lock = threading.Lock()
 
 
 class StatsSource(Protocol):
@@ -173,13 +179,19 @@ class ControlServer:
 
     def __init__(self, source: StatsSource, name: str = "vm", *, directory: str | Path | None = None) -> None:
         self.source = source
-        self.name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:48] or "vm"
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:48] or "vm"
         d = Path(directory) if directory is not None else socket_dir()
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         _scan(d, clean=True)
-        self.path = d / f"{os.getpid()}-{self.name}.sock"
+        with _live_lock:
+            self.name, n = base, 1
+            while (path := d / f"{os.getpid()}-{self.name}.sock") in _live_paths:
+                n += 1
+                self.name = f"{base}-{n}"
+            self.path = path
+            _live_paths.add(path)
         try:
-            self.path.unlink()  # ours from before a fork/exec with the same pid, or a crash
+            self.path.unlink()  # no live server of ours: left from before an exec with the same pid, or a crash
         except FileNotFoundError:
             pass
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -189,6 +201,7 @@ class ControlServer:
             self._sock.listen(8)
         except OSError as e:
             self._sock.close()
+            self._release()
             raise KvmError(f"control socket {self.path}: {e.strerror or e}") from e
         self._closing = threading.Event()
         self._conns: set[socket.socket] = set()
@@ -265,6 +278,11 @@ class ControlServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        self._release()
+
+    def _release(self) -> None:
+        with _live_lock:
+            _live_paths.discard(self.path)
 
     def __enter__(self) -> ControlServer:
         return self

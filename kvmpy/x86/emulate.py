@@ -32,13 +32,12 @@ import unicorn
 import unicorn.x86_const as ux
 from unicorn.unicorn_py3.unicorn import uclib
 
-from ..errors import GuestMemoryError
+from ..errors import GuestMemoryError, KvmError
 from ..memory import GuestMemory
+from .arch import ERROR_CODE_VECTORS, Cr0, CpuMode, Rflags, Vector, cpu_mode
 from .decode import Fault, Instruction
 
-PF_VECTOR = 14
-# Exceptions that push an error code (SDM vol. 3A, 6.13): #DF #TS #NP #SS #GP #PF #AC #CP.
-ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+PF_VECTOR = Vector.PF
 
 PHYS_LIMIT = 1 << 40
 _PAGE = 4096
@@ -61,12 +60,11 @@ MSR_EFER = 0xC000_0080
 MSR_FS_BASE = 0xC000_0100
 MSR_GS_BASE = 0xC000_0101
 
-_CR0_PE = 1
-RFLAGS_TF = 1 << 8
-_EFER_LMA = 1 << 10
+RFLAGS_TF = Rflags.TF
+_CR0_PE = Cr0.PE
 
 
-class UnicornUnsupported(Exception):
+class UnicornUnsupported(KvmError):
     """Unicorn cannot execute this instruction (it reports it as invalid)."""
 
 
@@ -190,6 +188,11 @@ class _Engine:
             loaded["segments"] = segments
 
 
+# One engine per family: real mode, legacy protected mode, IA-32e mode.
+_UC_MODES = {m: unicorn.UC_MODE_16 if m is CpuMode.REAL else unicorn.UC_MODE_64 if m.ia32e else unicorn.UC_MODE_32
+             for m in CpuMode}
+
+
 class UnicornExecutor:
     """Runs single guest instructions in Unicorn; one engine per CPU-mode family, kept."""
 
@@ -201,12 +204,7 @@ class UnicornExecutor:
         self.executed = 0
 
     def _engine(self, sregs: Any) -> _Engine:
-        if not sregs.cr0 & _CR0_PE:
-            mode = unicorn.UC_MODE_16
-        elif sregs.efer & _EFER_LMA:
-            mode = unicorn.UC_MODE_64
-        else:
-            mode = unicorn.UC_MODE_32
+        mode = _UC_MODES[cpu_mode(sregs)]
         engine = self._engines.get(mode)
         if engine is None:
             engine = self._engines[mode] = _Engine(mode, self.memory, self.mmio_bus, self.cpu_model)

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from ..boot.layout import GDT_ADDR, IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, TSS_ADDR
 from ..memory import GuestMemory
+from .arch import Cr0, Cr4, Efer, Rflags
 
 # The tables' addresses come from the one low-memory layout (kvmpy/boot/layout.py).
 
@@ -33,26 +34,10 @@ USER_CODE64_SEL = 0x33  # slot 6, RPL 3
 TSS_SEL = 0x40  # slot 8; 16 bytes in long mode (slots 8 and 9)
 STAR_LINUX = (0x20 << 48) | (CODE64_SEL << 32)
 
-CR0_PE = 1 << 0
-CR0_MP = 1 << 1
-CR0_ET = 1 << 4
-CR0_NE = 1 << 5
-CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-CR4_OSFXSR = 1 << 9
-CR4_OSXMMEXCPT = 1 << 10
-EFER_SCE = 1 << 0
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
-
 PTE_P = 1 << 0
 PTE_RW = 1 << 1
 PTE_US = 1 << 2
 PTE_PS = 1 << 7
-
-RFLAGS_RESERVED = 1 << 1
 
 
 @dataclass(frozen=True)
@@ -192,7 +177,7 @@ def setup_real_mode(vcpu: Any, entry: int, *, stack: int | None = 0x7000, cs: in
                                 (s.ss, 0, 3)):
         seg.selector, seg.base, seg.limit, seg.type = selector, selector << 4, 0xFFFF, kind
         seg.present, seg.s, seg.dpl, seg.db, seg.l, seg.g, seg.avl, seg.unusable = 1, 1, 0, 0, 0, 0, 0, 0
-    s.cr0 &= ~(CR0_PE | CR0_PG)
+    s.cr0 &= ~(Cr0.PE | Cr0.PG)
     s.cr4 = 0
     s.efer = 0
     vcpu.set_sregs(s)
@@ -200,7 +185,7 @@ def setup_real_mode(vcpu: Any, entry: int, *, stack: int | None = 0x7000, cs: in
     regs.rip = entry - (cs << 4)
     if stack is not None:
         regs.rsp = stack
-    regs.rflags = RFLAGS_RESERVED
+    regs.rflags = Rflags.FIXED
     vcpu.set_regs(regs)
 
 
@@ -220,7 +205,7 @@ def setup_protected_mode(vcpu: Any, mem: GuestMemory, entry: int, *, stack: int 
         DATA.load(seg)
     if idt is not None:
         s.idt.base, s.idt.limit = IDT_ADDR, write_idt(mem, idt, long_mode=False)
-    s.cr0 = CR0_PE | CR0_ET | CR0_NE
+    s.cr0 = Cr0.PE | Cr0.ET | Cr0.NE
     s.efer = 0
     if paging:
         # PAE paging with the long-mode identity map: PDPT entries must not set RW/US.
@@ -228,8 +213,8 @@ def setup_protected_mode(vcpu: Any, mem: GuestMemory, entry: int, *, stack: int 
         for g in range(4):
             mem.write_u64(PDPT_ADDR + g * 8, (PD_ADDR + g * 4096) | PTE_P)
         s.cr3 = PDPT_ADDR
-        s.cr4 |= CR4_PAE
-        s.cr0 |= CR0_PG
+        s.cr4 |= Cr4.PAE
+        s.cr0 |= Cr0.PG
     vcpu.set_sregs(s)
     _set_entry_regs(vcpu, entry, stack, regs)
 
@@ -259,9 +244,9 @@ def setup_long_mode(vcpu: Any, mem: GuestMemory, entry: int, *, stack: int = 0x7
         s.idt.base = IDT_ADDR
         s.idt.limit = write_idt(mem, idt, long_mode=True, user_vectors=user_vectors, ist=ist)
     s.cr3 = cr3
-    s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
-    s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
-    s.efer = EFER_LME | EFER_LMA | efer_extra
+    s.cr4 = Cr4.PAE | Cr4.OSFXSR | Cr4.OSXMMEXCPT
+    s.cr0 = Cr0.PE | Cr0.MP | Cr0.ET | Cr0.NE | Cr0.WP | Cr0.PG
+    s.efer = Efer.LME | Efer.LMA | efer_extra
     vcpu.set_sregs(s)
     _set_entry_regs(vcpu, entry, stack, regs)
 
@@ -270,7 +255,7 @@ def _set_entry_regs(vcpu: Any, entry: int, stack: int, extra: Mapping[str, int] 
     r = vcpu.get_regs()
     r.rip = entry
     r.rsp = stack
-    r.rflags = RFLAGS_RESERVED
+    r.rflags = Rflags.FIXED
     for name, value in (extra or {}).items():
         setattr(r, name, value)
     vcpu.set_regs(r)

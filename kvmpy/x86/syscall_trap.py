@@ -30,6 +30,7 @@ from typing import Any
 from .._kvm import lib
 from ..exits import InternalErrorExit, MsrExit
 from ..memory import GuestMemory
+from .arch import Rflags
 from .msr_filter import MsrFilter
 
 MSR_STAR = 0xC000_0081
@@ -44,7 +45,7 @@ RESERVED = [(TABLES_GPA, 3 * 4096)]
 
 _PRESENT, _RW, _USER = 1, 2, 4
 _ADDR = 0x000F_FFFF_FFFF_F000
-_RFLAGS_IF = 1 << 9
+_RFLAGS_IF = Rflags.IF
 _SYNC = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
 HANDLED_AS = "syscall trap"  # what `kvmpy stat` calls these INTERNAL_ERROR exits
 

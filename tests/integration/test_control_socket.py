@@ -260,3 +260,24 @@ def test_live_view_without_a_terminal_ends_when_its_vm_goes_away(outs_guest, tmp
     assert proc.returncode == 0, err
     assert server.requests >= 4
     assert "no running kvmpy VM answered" in out
+
+
+
+
+def test_two_servers_of_one_name_in_one_process_both_answer(tmp_path):
+    # Two Machines booting kernels with the same file name: neither may unlink the other's socket.
+    with ControlServer(FixedSource({"vm": "first"}), name="bzImage", directory=tmp_path) as first, \
+            ControlServer(FixedSource({"vm": "second"}), name="bzImage", directory=tmp_path) as second:
+        assert first.path != second.path and first.path.exists() and second.path.exists()
+        assert (query(first.path)["vm"], query(second.path)["vm"]) == ("first", "second")
+        assert sorted(s.name for s in list_sockets(tmp_path)) == ["bzImage", "bzImage-2"]
+        assert query(second.path)["name"] == "bzImage-2"  # the name the reply carries is the listed one
+        out = run_stat(tmp_path, "--json", "bzImage-2")
+        assert out.returncode == 0, out.stderr
+        (snap,) = json.loads(out.stdout)["vms"]
+        assert snap["name"] == "bzImage-2"
+        first.close()
+        assert second.path.exists() and query(second.path)["vm"] == "second"
+        with ControlServer(FixedSource({"vm": "third"}), name="bzImage", directory=tmp_path) as third:
+            assert third.name == "bzImage"  # the first's name is free again
+            assert query(second.path)["vm"] == "second"

@@ -17,6 +17,7 @@ from kvmpy.exits import DebugExit, HltExit
 from kvmpy.platform import Backend, detect_backend
 from kvmpy.x86 import modes
 from kvmpy.stats import profile
+from kvmpy.x86.arch import Efer
 from kvmpy.x86.syscall_trap import TRAP_VA, SyscallTrap
 
 PVM = detect_backend() is Backend.PVM
@@ -108,7 +109,7 @@ def _guest(guest, user_code: str, *, trap: bool = False):
     idt = {GP: g.entry + 0x200, UD: g.entry + 0x280, PF: g.entry + 0x300, SOFT_INT: g.entry + 0x380}
     modes.setup_long_mode(g.vcpu, g.mem, g.entry, stack=KERNEL_STACK, idt=idt,
                           user_vectors=frozenset({SOFT_INT}), tss_rsp0=KERNEL_STACK,
-                          user_pages=True, efer_extra=modes.EFER_SCE)
+                          user_pages=True, efer_extra=Efer.SCE)
     loop = g.make_loop()
     if trap:
         SyscallTrap(g.vm, g.mem).attach(loop)

@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from kvmpy.memory import GuestMemory
 from kvmpy.x86 import modes
+from kvmpy.x86.arch import Cr0, Cr4, Efer
 from kvmpy.x86.decode import Decoder, effective_address, read_register, write_register
 from kvmpy.x86.emulate import UnicornExecutor, page_fault_error_code
 from native import ARITH_FLAGS, NativeRunner, defined
@@ -140,9 +141,9 @@ class _FakeVcpu:
 def _long_mode_sregs():
     from kvmpy._kvm import ffi
     s = ffi.new("struct kvm_sregs *")
-    s.cr0 = modes.CR0_PE | modes.CR0_PG | modes.CR0_ET | modes.CR0_NE | modes.CR0_WP
-    s.cr4 = modes.CR4_PAE | modes.CR4_OSFXSR | modes.CR4_OSXMMEXCPT
-    s.efer = modes.EFER_LME | modes.EFER_LMA
+    s.cr0 = Cr0.PE | Cr0.PG | Cr0.ET | Cr0.NE | Cr0.WP
+    s.cr4 = Cr4.PAE | Cr4.OSFXSR | Cr4.OSXMMEXCPT
+    s.efer = Efer.LME | Efer.LMA
     s.cr3 = modes.PML4_ADDR
     s.gdt.base, s.gdt.limit = modes.GDT_ADDR, 0x4F
     modes.CODE64.load(s.cs)

@@ -89,3 +89,35 @@ def test_creating_the_same_vcpu_twice_says_it_exists(kvm):
         vm.create_vcpu(0)
         with pytest.raises(KvmError, match="vcpu 0 already exists"):
             vm.create_vcpu(0)
+
+
+def _kvmpy_modules():
+    import importlib
+    import pkgutil
+    for info in pkgutil.walk_packages(kvmpy.__path__, "kvmpy."):
+        if info.name.rsplit(".", 1)[-1].startswith("_build"):
+            continue  # cffi build scripts (setup time only): they define no API
+        yield importlib.import_module(info.name)
+
+
+def test_every_public_exception_of_the_package_is_a_kvm_error():
+    import inspect
+    modules = list(_kvmpy_modules())
+    assert len(modules) > 40  # the walk reached the subpackages (devices.virtio, stats, x86, ...)
+    outside = [f"{m.__name__}.{name}" for m in modules for name, cls in vars(m).items()
+               if inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == m.__name__
+               and not name.startswith("_") and not issubclass(cls, KvmError)]
+    assert not outside, f"public exceptions not derived from kvmpy.errors.KvmError: {outside}"
+
+
+@pytest.mark.parametrize(("path", "second_base"), [
+    ("kvmpy.guest.build.GuestBuildError", RuntimeError),
+    ("kvmpy.disk.DiskImageError", RuntimeError),
+    ("kvmpy.boot.initramfs.InitramfsError", ValueError),
+    ("kvmpy.net.tap.TapError", OSError),
+])
+def test_errors_keep_their_standard_base_beside_kvm_error(path, second_base):
+    import importlib
+    module, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, KvmError) and issubclass(cls, second_base)

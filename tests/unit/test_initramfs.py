@@ -14,11 +14,13 @@ import pytest
 from kvmpy.boot.initramfs import (
     BUSYBOX_PATH,
     DEFAULT_INIT,
+    DEFAULT_INITTAB,
     INIT_MARKER,
     CpioEntry,
     Initramfs,
     InitramfsError,
     build_busybox_initramfs,
+    busybox_applet_paths,
     busybox_initramfs,
     check_static_x86_64_elf,
     encode_entry,
@@ -254,10 +256,31 @@ def test_init_script_without_interpreter_line_is_rejected() -> None:
         busybox_initramfs("echo hi\n")
 
 
-def test_default_init_mounts_prints_marker_and_powers_off() -> None:
-    for needed in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs", INIT_MARKER,
-                   "cttyhack sh", "poweroff -f"):
+def test_default_init_mounts_prints_marker_and_hands_pid_1_to_busybox_init() -> None:
+    for needed in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs", INIT_MARKER):
         assert needed in DEFAULT_INIT
+    # busybox's poweroff/reboot/halt (without -f) signal PID 1: it must be busybox init, by exec.
+    commands = [l for l in DEFAULT_INIT.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    assert commands[-1] == "exec /bin/busybox init"
+
+
+def test_default_inittab_runs_the_console_shell_once_and_powers_off_after_it() -> None:
+    entries = [l for l in DEFAULT_INITTAB.splitlines() if l.strip() and not l.startswith("#")]
+    (entry,) = entries
+    tty, runlevels, action, command = entry.split(":", 3)
+    assert (tty, runlevels, action) == ("", "", "once")  # the console; not respawned
+    assert "setsid cttyhack sh" in command
+    # `poweroff` without -f: init runs its shutdown (TERM, KILL, sync) as for a typed poweroff.
+    assert command.rstrip("'").endswith("; poweroff")
+
+
+@needs_busybox
+def test_busybox_image_has_the_inittab_and_busybox_has_init() -> None:
+    assert "init" in busybox_applet_paths()
+    image = busybox_initramfs()
+    assert image.entry("/etc/inittab").data == DEFAULT_INITTAB.encode()
+    mine = busybox_initramfs(extra_files={"/etc/inittab": b"::once:/bin/sh\n"})
+    assert mine.entry("/etc/inittab").data == b"::once:/bin/sh\n"
 
 
 @needs_busybox
