@@ -22,6 +22,7 @@ and the host's network interfaces (TAP devices).
 from __future__ import annotations
 
 import os
+import re
 import queue
 import threading
 import time
@@ -174,7 +175,10 @@ class ResourceSnapshot:
     def take(cls) -> ResourceSnapshot:
         p = psutil.Process()
         try:
-            interfaces = frozenset(os.listdir("/sys/class/net"))
+            # TAPs another kvmpy process generated (kvmpy<pid>-<n>) come and go with it, not with us.
+            mine = f"kvmpy{os.getpid()}-"
+            interfaces = frozenset(n for n in os.listdir("/sys/class/net")
+                                   if n.startswith(mine) or not _GENERATED_TAP.match(n))
         except OSError:
             interfaces = frozenset()
         with open("/proc/self/maps") as f:
@@ -206,5 +210,7 @@ class ResourceSnapshot:
         if new:
             problems.append(f"network interfaces left behind: {sorted(new)}")
         return problems
+
+_GENERATED_TAP = re.compile(r"^kvmpy\d+-\d+$")  # kvmpy.net.tap.generated_name()
 
 __all__ = ["JobResult", "Pool", "ResourceSnapshot"]
