@@ -257,3 +257,26 @@ def test_pause_parks_the_vcpu_threads_and_resume_continues_them(tmp_path, kvm):
         assert {t.ident for t in threading.enumerate() if t.name.startswith("vcpu")} == threads
         assert m.stop().status is Status.STOPPED
     assert not [t for t in threading.enumerate() if t.name.startswith("vcpu") and t.ident in threads]
+
+
+def test_a_snapshot_onto_a_full_disk_is_a_clear_error_and_the_vm_runs_on(tmp_path, kvm):
+    import os
+
+    from kvmpy.errors import SnapshotError
+    from kvmpy.snapshot import take_snapshot
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with build(MachineConfig(kernel=_elf(tmp_path, "poweroff"), memory="64M"), kvm=kvm) as m:
+            with pytest.raises(SnapshotError, match=r"small/s: cannot write the snapshot \(No space left on device\)"):
+                take_snapshot(m, mnt / "s")  # 64 MiB of RAM onto 8 MiB
+            assert list(mnt.iterdir()) == []  # nothing half-written left there
+            m.start()  # the machine is as it was: it boots and powers off
+            assert m.wait(60).status is Status.POWEROFF
+    finally:
+        subprocess.run(["umount", str(mnt)])
