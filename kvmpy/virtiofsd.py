@@ -9,8 +9,8 @@ guest memory), waited for until the socket exists, and stopped (socket
 closed, then SIGTERM, then SIGKILL) when the device closes.
 
 Which daemon: `$KVMPY_VIRTIOFSD`, else the Rust virtiofsd
-(/usr/libexec/virtiofsd, Debian's `virtiofsd` package, trixie and
-bookworm-backports), else QEMU's C virtiofsd (/usr/lib/qemu/virtiofsd in
+(/usr/libexec/virtiofsd, Debian's `virtiofsd` package, in releases after
+12), else QEMU's C virtiofsd (/usr/lib/qemu/virtiofsd in
 Debian 12's `qemu-system-common`), else `virtiofsd` on $PATH. Their
 options differ and are mapped here (`daemon_argv`).
 

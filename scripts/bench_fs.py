@@ -79,6 +79,7 @@ def main() -> int:
     args = ap.parse_args()
 
     daemon = find_virtiofsd()
+    load_before = os.getloadavg()[0]
     kernel = build_kernel(progress=False)
     initrd = build_busybox_initramfs()
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-fs-") as work:
@@ -124,6 +125,7 @@ def main() -> int:
         if errors:
             raise SystemExit(f"device errors: {errors}")
 
+    load_after = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in times.items()}
     net = {k: max(med[k] - med["console"], 1e-3) for k in med if k != "console"}
     rows = []
@@ -138,7 +140,8 @@ def main() -> int:
     backend = "PVM (software KVM)" if os.path.exists("/sys/module/kvm_pvm") else "hardware KVM"
     section = "\n".join([
         HEADING, "",
-        f"{datetime.date.today()}, {platform.node()}, {backend}, {os.cpu_count()} CPUs; "
+        f"{datetime.date.today()}, {platform.node()}, {backend}, {os.cpu_count()} CPUs (load average "
+        f"{load_before:.1f} at the start, {load_after:.1f} at the end: the host is shared); "
         f"{daemon.version} ({daemon.path}); {args.files} files of {args.size} bytes in {DIRS} "
         f"directories, read with `cat /mnt/X/d*/* | wc -c`; median of {args.repeat} rotated repeats in one "
         f"boot; console round trip ({med['console']:.2f} s, a `true`) subtracted. Ratio: virtio-fs time / "

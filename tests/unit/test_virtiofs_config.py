@@ -113,3 +113,13 @@ def test_default_memory_has_no_fd():
 
     with GuestMemory(1 << 20) as mem:
         assert all(r.fd == -1 for r in mem.regions)
+
+
+def test_cli_share_with_a_missing_dir_is_a_one_line_error(tmp_path, capsys):
+    from kvmpy.cli import main
+
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    assert main(["run", "--kernel", str(kernel), "--share", f"{tmp_path / 'gone'}=x", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"kvmpy: --share {str(tmp_path / 'gone')!r}: no such directory"

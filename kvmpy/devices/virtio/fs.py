@@ -138,7 +138,7 @@ class VirtioFsDevice(VirtioDevice):
         if self.iothread is not None:
             self.iothread.remove(self.frontend.fileno())
         try:
-            self.daemon.process.wait(1.0)  # it closed the socket: let it finish dying for the exit status
+            self.daemon.process.wait(0.5)  # it closed the socket: let it finish dying, for the exit status
         except Exception:
             pass
         self.failure = (f"virtio-fs {self.share.tag!r} ({self.share.host_dir}): {self.daemon.describe_exit()}; "
