@@ -32,6 +32,7 @@ from .assists import Assists
 from .boot.linux import BootEntry, kernel_info, load_linux
 from .boot.multiboot import load_multiboot
 from .bus import Bus, mmio_bus, pio_bus
+from .devices.console_log import ConsoleLog
 from .devices.i8042 import I8042
 from .devices.fw_cfg import FW_CFG_PORT_SEL, FW_CFG_PORTS, FwCfg
 from .devices.rtc import CmosRtc
@@ -159,36 +160,6 @@ class MachineConfig:
             raise BootError(f"unknown test device(s) {', '.join(sorted(unknown))}; "
                             f"choose from {', '.join(TEST_DEVICES)}")
         self.memory = mem
-
-
-@dataclass
-class ConsoleLog:
-    """Everything the guest printed on COM1, searchable while it runs."""
-
-    data: bytearray = field(default_factory=bytearray)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    def append(self, b: bytes) -> None:
-        with self.cond:
-            self.data += b
-            self.cond.notify_all()
-
-    def wait_for(self, text: bytes, timeout: float | None, start: int = 0) -> int:
-        """Offset just past `text` once printed; -1 on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
-            while True:
-                i = self.data.find(text, start)
-                if i >= 0:
-                    return i + len(text)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return -1
-                self.cond.wait(remaining if remaining is not None else 1.0)
-
-    def text(self) -> str:
-        with self.cond:
-            return self.data.decode(errors="replace")
 
 
 class Machine:
@@ -398,9 +369,9 @@ class Machine:
             self._scan_console()
 
     def _scan_console(self) -> None:
-        log = self.console.data
-        window = bytes(log[max(self._scan_from - 64, 0):])
-        self._scan_from = len(log)
+        log = self.console
+        window = log.since(max(self._scan_from - 64, 0))
+        self._scan_from = log.end
         if PANIC_MARKER in window:
             self._finish(Outcome(Status.PANIC, "guest kernel panic"), defer=True)
         elif POWER_OFF_MARKER in window or HALT_MARKER in window:
