@@ -336,7 +336,7 @@ class Rig:
             self.listener.listen(64)
             self.listener.setblocking(False)
             return vsock.VsockDevice(uds, GUEST_CID)
-        raise ValueError(kind)
+        raise ValueError(self.kind)
 
     def close(self) -> None:
         logging.getLogger("kvmpy").removeHandler(self.bug_log)

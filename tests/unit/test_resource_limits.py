@@ -13,7 +13,6 @@ import socket
 import struct
 import time
 
-import pytest
 
 from kvmpy.devices.console_log import CONSOLE_LOG_MAX, ConsoleLog
 from kvmpy.devices.serial import RX_BACKLOG_SIZE, Serial16550
@@ -144,25 +143,25 @@ def test_net_rx_holds_no_frames_in_the_vmm_the_tap_queue_pushes_back(net):
 def test_blk_request_larger_than_the_chain_limit_is_failed_without_io(tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(64 * 512))
-    with GuestMemory(300 << 20) as mem:  # lazily mapped: nothing is touched but the rings and the header
+    with GuestMemory(300 << 20) as big:  # lazily mapped: nothing is touched but the rings and the header
         dev = blk_mod.BlockDevice(image)
-        t = MmioTransport(dev, mem)
-        drv = Driver(t, mem)
+        t = MmioTransport(dev, big)
+        drv = Driver(t, big)
         drv.setup()
         q = drv.queues[0]
         limit = blk_mod.SEG_MAX * blk_mod.SIZE_MAX + 2 * blk_mod.SECTOR_SIZE
         # Built by hand: the driver helper would fill the huge buffer.
         hdr_addr = 0x100_0000
-        mem.write(hdr_addr, struct.pack("<IIQ", blk_mod.RequestType.IN, 0, 0))
+        big.write(hdr_addr, struct.pack("<IIQ", blk_mod.RequestType.IN, 0, 0))
         slots = q.free[:3]
         q.write_desc(q.desc, slots[0], hdr_addr, 16, 1, slots[1])
         q.write_desc(q.desc, slots[1], 0x200_0000, limit, 1 | 2, slots[2])
         q.write_desc(q.desc, slots[2], 0x100_1000, 1, 2, 0)
-        mem.write_u8(0x100_1000, 0xEE)
+        big.write_u8(0x100_1000, 0xEE)
         q.publish(slots[0])
         q.kick()
         assert q.used_entries() == [(slots[0], 0)]  # returned unused
-        assert mem.read_u8(0x100_1000) == 0xEE and dev.bad_chains == 1 and dev.bytes_read == 0
+        assert big.read_u8(0x100_1000) == 0xEE and dev.bad_chains == 1 and dev.bytes_read == 0
         assert not t.needs_reset
         dev.close()
 
