@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import struct
+import tempfile
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
@@ -59,6 +61,7 @@ GUEST_CID = 3
 FD_SLACK = 64               # fds the device may hold open beyond its baseline (connections, clients)
 
 ALL_FEATURES = (1 << 64) - 1
+IMAGE = b"".join(struct.pack("<HH", i, j) for i in range(SECTORS) for j in range(128))  # no two sectors alike
 _DESC = struct.Struct("<QIHH")
 
 
@@ -260,7 +263,8 @@ def _fit(bufs: tuple) -> tuple:
 def programs(kind: str) -> st.SearchStrategy:
     """(start with a correct set-up, operations): mostly plausible requests, the rest hostile."""
     req = requests(kind)
-    ops = st.one_of(req, req, req, req, OPS)
+    good = st.builds(Good, st.integers(0, 2**16))
+    ops = st.one_of(req, req, req, req, OPS, good)
     return st.tuples(st.sampled_from([True, True, True, False]), st.lists(ops, min_size=1, max_size=40))
 
 
@@ -297,7 +301,9 @@ class Rig:
         self.io = IoThread()
         self.host: socket.socket | None = None
         self._dev_end: socket.socket | None = None
-        self.image = os.path.join(tmp, "disk.img")
+        # The image lives in memory where there is /dev/shm: a write-through device syncs every write.
+        self._image_dir = tempfile.mkdtemp(prefix="kvmpy-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else tmp)
+        self.image = os.path.join(self._image_dir, "disk.img")
         self.clients: list[socket.socket] = []
         self.listener: socket.socket | None = None
         self.accepted: list[socket.socket] = []
@@ -320,7 +326,7 @@ class Rig:
     def _make_device(self):
         if self.kind == "blk":
             with open(self.image, "wb") as f:
-                f.write(bytes(range(256)) * (SECTORS * 2))
+                f.write(IMAGE)
             return blk.BlockDevice(self.image)
         if self.kind == "rng":
             return rng.EntropyDevice(source=lambda n: bytes([RNG_BYTE]) * n)
@@ -347,6 +353,7 @@ class Rig:
             if s is not None:
                 s.close()
         self.mem.close()
+        shutil.rmtree(self._image_dir, ignore_errors=True)
 
     # -- guest memory helpers -----------------------------------------------------------
 
@@ -452,15 +459,19 @@ class Rig:
             self.t.write(Register.QUEUE_NOTIFY, 4, op.queue)
             self.check_returned(op.queue)
 
+    def _rings_ours(self, queue: int) -> bool:
+        dq, q = self.drv.queues[queue], self.t.queues[queue]
+        return q.ready and (q.desc_table, q.avail_ring, q.used_ring, q.size) == (dq.desc, dq.avail, dq.used, dq.size)
+
     def check_returned(self, queue: int) -> None:
         """After a notify of a request queue whose rings are the driver's: every chain the guest made
         available came back in the used ring (served, or failed as malformed), or the device needs a reset."""
         if (self.drv is None or queue != REQUEST_QUEUE[self.kind] or self.aliased
                 or not self.t.active or queue >= len(self.drv.queues)):
             return
-        dq, q = self.drv.queues[queue], self.t.queues[queue]
-        if (q.desc_table, q.avail_ring, q.used_ring, q.size) != (dq.desc, dq.avail, dq.used, dq.size) or not q.ready:
+        if not self._rings_ours(queue):
             return  # the guest moved the rings with register writes: nothing to compare against
+        dq = self.drv.queues[queue]
         if self.t.needs_reset:
             self.requests_reset += 1
             return
@@ -605,11 +616,18 @@ class Rig:
     def good(self, seed: int) -> bool:
         """Post a well-formed request and check its response; False if the device was not in a state to
         take it (not clean), True if it was checked (completed correctly or NEEDS_RESET)."""
-        if not self.clean or self.drv is None or not self.t.active:
+        if self.drv is None or not self.t.active or self.t.needs_reset:
             return False
-        reset_before = self.t.needs_reset
-        if reset_before:
-            return False
+        if not self.clean:
+            # Hostile chains came before: only on a request queue whose rings are still the driver's, after
+            # serving what is pending (so no hostile buffer is written while this request is in the ring).
+            queue = REQUEST_QUEUE[self.kind]
+            if self.kind == "vsock" or self.aliased or not self._rings_ours(queue):
+                return False
+            self.t.write(Register.QUEUE_NOTIFY, 4, queue)
+            self.check_returned(queue)
+            if self.t.needs_reset:
+                return False
         match self.kind:
             case "blk":
                 ok = self._good_blk(seed)
@@ -768,11 +786,12 @@ class Rig:
         if not self.clean:
             raise Failure(f"set-up after a reset failed: {self.t.last_error}")
         self.check([self.mem.read(a, b - a) for a, b in CANARIES])
-        before = (self.good_done, self.good_reset)
-        self.good(12345)
-        if (self.good_done, self.good_reset) != (before[0] + 1, before[1]):
-            raise Failure(f"{self.kind}: a well-formed request after a reset did not complete: "
-                          f"{self.t.last_error}")
+        for seed in (12344, 12345):  # both kinds of request (blk: a read and a write)
+            before = (self.good_done, self.good_reset)
+            self.good(seed)
+            if (self.good_done, self.good_reset) != (before[0] + 1, before[1]):
+                raise Failure(f"{self.kind}: a well-formed request after a reset did not complete: "
+                              f"{self.t.last_error}")
         if self.t.status & DeviceStatus.DEVICE_NEEDS_RESET:
             raise Failure("NEEDS_RESET after a clean request")
 

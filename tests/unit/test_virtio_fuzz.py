@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from virtio_fuzz import KINDS, Rig, Setup, programs
 
-settings.register_profile("suite", max_examples=150, deadline=None, derandomize=False,
+settings.register_profile("suite", max_examples=100, deadline=None, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("fuzz", max_examples=10_000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
