@@ -309,6 +309,10 @@ class Access:
                    ac=bool(rflags & (1 << 18)))
 
 
+# PfError as plain ints: the walk is on the completion path, and IntFlag arithmetic costs microseconds.
+_PF_P, _PF_W, _PF_U, _PF_RSVD, _PF_ID = 1, 2, 4, 8, 16
+
+
 def translate(mem: GuestMemory, gva: int, cr3: int, *, cr0: int, cr4: int, efer: int,
               access: Access | None = None, maxphyaddr: int = MAX_PHYS_BITS) -> int:
     """Page walk shared by `GuestMemory.translate` (see there).
@@ -322,9 +326,9 @@ def translate(mem: GuestMemory, gva: int, cr3: int, *, cr0: int, cr4: int, efer:
     access = access or Access()
     pae = bool(cr4 & _CR4_PAE)
     nx = pae and bool(efer & _EFER_NXE)
-    code = (PfError.W if access.write else 0) | (PfError.U if access.user else 0)
+    code = (_PF_W if access.write else 0) | (_PF_U if access.user else 0)
     if access.fetch and (nx or cr4 & _CR4_SMEP):
-        code |= PfError.ID
+        code |= _PF_ID
 
     def fault(bits: int, why: str) -> PageFault:
         return PageFault(gva, code | bits, f"GVA {gva:#x}: {why} (#PF error code {code | bits:#x})")
@@ -340,7 +344,7 @@ def translate(mem: GuestMemory, gva: int, cr3: int, *, cr0: int, cr4: int, efer:
         if pde & _PS and cr4 & _CR4_PSE:
             high_bits = max(min(maxphyaddr, 40) - 32, 0)
             if pde & (1 << 21) or (pde >> (13 + high_bits)) & ((1 << (8 - high_bits)) - 1):
-                raise fault(PfError.P | PfError.RSVD, f"reserved bit set in the 4 MiB PDE {pde:#x}")
+                raise fault(_PF_P | _PF_RSVD, f"reserved bit set in the 4 MiB PDE {pde:#x}")
             gpa = (pde & 0xFFC0_0000) | (((pde >> 13) & 0xFF) << 32) | (gva & 0x3F_FFFF)
         else:
             pte = mem.read_u32((pde & 0xFFFF_F000) + ((gva >> 12) & 0x3FF) * 4)
@@ -379,7 +383,7 @@ def translate(mem: GuestMemory, gva: int, cr3: int, *, cr0: int, cr4: int, efer:
             elif shift in (21, 30):
                 bad |= ((1 << shift) - 1) & ~0x1FFF  # a large page's address bits below its size (PAT is bit 12)
         if entry & bad:
-            raise fault(PfError.P | PfError.RSVD,
+            raise fault(_PF_P | _PF_RSVD,
                         f"reserved bit set in the paging entry for bit {shift} ({entry:#x})")
         rw, us = rw and bool(entry & _RW), us and bool(entry & _US)
         xd = xd or (nx and bool(entry & _XD))
@@ -394,19 +398,19 @@ def _check_permissions(access: Access, rw: bool, us: bool, xd: bool, cr0: int, c
     """SDM vol. 3A, 4.6.1: what a translation with these accumulated rights allows this access."""
     if access.user:
         if not us:
-            raise fault(PfError.P, "user-mode access to a supervisor page")
+            raise fault(_PF_P, "user-mode access to a supervisor page")
         if access.write and not rw:
-            raise fault(PfError.P, "user-mode write to a read-only page")
+            raise fault(_PF_P, "user-mode write to a read-only page")
         if access.fetch and xd:
-            raise fault(PfError.P, "instruction fetch from a no-execute page")
+            raise fault(_PF_P, "instruction fetch from a no-execute page")
         return
     if access.fetch:
         if us and cr4 & _CR4_SMEP:
-            raise fault(PfError.P, "supervisor fetch from a user page with SMEP")
+            raise fault(_PF_P, "supervisor fetch from a user page with SMEP")
         if xd:
-            raise fault(PfError.P, "instruction fetch from a no-execute page")
+            raise fault(_PF_P, "instruction fetch from a no-execute page")
         return
     if us and cr4 & _CR4_SMAP and (access.implicit or not access.ac):
-        raise fault(PfError.P, "supervisor data access to a user page with SMAP (RFLAGS.AC clear)")
+        raise fault(_PF_P, "supervisor data access to a user page with SMAP (RFLAGS.AC clear)")
     if access.write and not rw and cr0 & _CR0_WP:
-        raise fault(PfError.P, "supervisor write to a read-only page with CR0.WP")
+        raise fault(_PF_P, "supervisor write to a read-only page with CR0.WP")
