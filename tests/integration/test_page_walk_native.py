@@ -11,6 +11,8 @@ CPL3 accesses run on the real CPU; CPL0 ones go through KVM's emulator.
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from kvmpy.assists import Assists
 from kvmpy.errors import PageFault
@@ -82,8 +84,8 @@ user:
 """
 
 
-def _run(guest, access: str, *, user: bool, pde_flags: int, cr0_wp: bool = True, cr4: int = 0,
-         efer: int = 0, ac: bool = False):
+def _run(guest, access: str, *, user: bool, pde_flags: int = 0, cr0_wp: bool = True, cr4: int = 0,
+         efer: int = 0, ac: bool = False, map_target=None):
     def edit(mem):
         mem.write(TARGET_GPA + OFFSET, b"\x0f\x0b")  # ud2, for a fetch that is allowed
         mem.write_u64(modes.PD_ADDR + 4096, TARGET_GPA | modes.PTE_PS | pde_flags)
@@ -92,6 +94,8 @@ def _run(guest, access: str, *, user: bool, pde_flags: int, cr0_wp: bool = True,
             # itself); only the target's upper levels allow user access, so its PDE decides.
             for entry in (modes.PML4_ADDR, modes.PDPT_ADDR + 8):
                 mem.write_u64(entry, mem.read_u64(entry) | modes.PTE_US)
+        if map_target is not None:
+            map_target(mem)
 
     g = guest("64", _source(access, user), setup_memory=edit)
     idt = {PF: g.entry + 0x300, UD: g.entry + 0x380}
@@ -206,4 +210,40 @@ def test_supervisor_page_fault_error_code_matches_the_cpu(guest, access, flags, 
         assert native == ("ok", TARGET_GPA + OFFSET)
     else:
         assert native == ("pf", expected, TARGET + OFFSET)
+    assert walked == native
+
+
+# -- random page-table bits, compared with the CPU ---------------------------------------------
+
+PT_ADDR = 0x60000  # a page table for the target's 4 KiB mapping (free low RAM in tests/guests.py's layout)
+level_flags = st.sampled_from([P | RW | US] * 4 + [P | RW, P | US, P, RW | US, 0])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pdpte=level_flags, pde=level_flags, pte=level_flags, xd=st.tuples(st.booleans(), st.booleans()),
+       rsvd=st.sampled_from([None, None, None, 51, 62, 13]), user=st.booleans(),
+       access=st.sampled_from(["read", "write", "fetch"]), wp=st.booleans(), smap=st.booleans(),
+       smep=st.booleans(), nxe=st.booleans(), ac=st.booleans())
+def test_random_page_table_bits_give_the_cpus_page_fault(guest, kvm, pdpte, pde, pte, xd, rsvd, user, access,
+                                                          wp, smap, smep, nxe, ac):
+    maxphyaddr = next((e.eax & 0xFF for e in kvm.get_supported_cpuid() if e.function == 0x8000_0008), 52)
+    if rsvd == 51 and maxphyaddr > 51:
+        rsvd = None
+    leaf_extra = (XD if xd[1] else 0) | ((1 << rsvd) if rsvd is not None else 0)
+
+    def map_target(mem):
+        # PDPTE (second GiB) -> PD page -> PT: three levels whose bits the example chooses.
+        pd = modes.PD_ADDR + 4096
+        mem.write_u64(modes.PDPT_ADDR + 8, pd | pdpte)
+        mem.write_u64(pd, PT_ADDR | pde | (XD if xd[0] else 0))
+        mem.fill(PT_ADDR, 4096, 0)
+        mem.write_u64(PT_ADDR + ((TARGET + OFFSET) >> 12 & 0x1FF) * 8, TARGET_GPA | pte | leaf_extra)
+
+    # At CPL 3 every page is a user page, so SMAP/SMEP (which guard supervisor accesses) would fault
+    # the CPL 0 handlers themselves: they are tried at CPL 0 only.
+    cr4 = 0 if user else (CR4_SMAP if smap else 0) | (CR4_SMEP if smep else 0)
+    native, walked = _run(guest, access, user=user, cr0_wp=wp, cr4=cr4, ac=ac and not user,
+                          efer=modes.EFER_NXE if nxe else 0, map_target=map_target)
+    assert native[0] in ("ok", "pf")
+    event(f"{native[0]} {native[1]:#x}" if native[0] == "pf" else "allowed")
     assert walked == native
