@@ -354,6 +354,8 @@ class Rig:
         for s in self.clients + self.accepted + [self.host, self._dev_end, self.listener]:
             if s is not None:
                 s.close()
+        if self.listener is not None:
+            os.unlink(f"{self.dev.uds_path}_1234")
         self.mem.close()
         shutil.rmtree(self._image_dir, ignore_errors=True)
 
