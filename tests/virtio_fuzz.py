@@ -55,6 +55,7 @@ POOL = (0x10000, 0x30000)   # request buffers and indirect tables (the device ma
 # region is left out: descriptors at a region's end test straddling, and a short one there is valid RAM).
 CANARIES = ((0, 0x1000), (0x30000, LOW_END - 0x1000), (HIGH_START, HIGH_END - 0x1000))
 CANARY_BYTE = 0xC3
+MIN_OPS = int(os.environ.get("KVMPY_FUZZ_MIN_OPS", "1"))  # shortest program
 QUEUE_SIZE = 8              # small rings: full queues, wrap-around and loops come often
 GOOD_SLOTS = 4              # descriptors [QUEUE_SIZE - GOOD_SLOTS, QUEUE_SIZE) are for checked requests
 SECTORS = 64
@@ -267,7 +268,7 @@ def programs(kind: str) -> st.SearchStrategy:
     req = requests(kind)
     good = st.builds(Good, st.integers(0, 2**16))
     ops = st.one_of(req, req, req, req, OPS, good)
-    return st.tuples(st.sampled_from([True, True, True, False]), st.lists(ops, min_size=1, max_size=40))
+    return st.tuples(st.sampled_from([True, True, True, False]), st.lists(ops, min_size=MIN_OPS, max_size=40))
 
 
 PROGRAMS = st.tuples(st.booleans(), st.lists(OPS, max_size=25))

@@ -2,7 +2,8 @@
 
 The suite runs a short profile; `make fuzz` runs the long one (at least
 10,000 programs per device): the hypothesis profile is chosen by
-KVMPY_FUZZ_PROFILE ("suite", default, or "fuzz"). Each example is one
+KVMPY_FUZZ_PROFILE ("suite", default, or "fuzz"); KVMPY_FUZZ_MIN_OPS sets
+the shortest program (default 1). Each example is one
 hostile program against a fresh device; the invariants are checked after
 every operation and the device must recover after a reset.
 """
@@ -22,6 +23,7 @@ settings.register_profile("fuzz", max_examples=10_000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("KVMPY_FUZZ_PROFILE", "suite")
 CASES: dict[str, int] = {}
+OPERATIONS: dict[str, int] = {}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -40,10 +42,11 @@ def test_hostile_driver_cannot_crash_or_escape_the_device(kind, tmp_path_factory
         finally:
             rig.close()
         CASES[kind] = CASES.get(kind, 0) + 1
+        OPERATIONS[kind] = OPERATIONS.get(kind, 0) + len(ops)
 
     run()
     report = os.environ.get("KVMPY_FUZZ_REPORT")
     if report:
         with open(report, "a") as f:
-            f.write(f"{kind} {CASES[kind]}\n")
+            f.write(f"{kind}: {CASES[kind]} programs, {OPERATIONS[kind]} operations\n")
     assert CASES[kind] >= settings.get_profile(PROFILE).max_examples // 2
