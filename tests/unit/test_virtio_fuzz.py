@@ -3,7 +3,8 @@
 The suite runs a short profile; `make fuzz` runs the long one (at least
 10,000 programs per device): the hypothesis profile is chosen by
 KVMPY_FUZZ_PROFILE ("suite", default, or "fuzz"); KVMPY_FUZZ_MIN_OPS sets
-the shortest program (default 1). Each example is one
+the shortest program (default 1), KVMPY_FUZZ_EXAMPLES the long run's
+programs per device (default 10,000). Each example is one
 hostile program against a fresh device; the invariants are checked after
 every operation and the device must recover after a reset.
 """
@@ -19,7 +20,7 @@ from virtio_fuzz import KINDS, Rig, Setup, programs
 
 settings.register_profile("suite", max_examples=100, deadline=None, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("fuzz", max_examples=10_000, deadline=None,
+settings.register_profile("fuzz", max_examples=int(os.environ.get("KVMPY_FUZZ_EXAMPLES", "10000")), deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("KVMPY_FUZZ_PROFILE", "suite")
 CASES: dict[str, int] = {}
