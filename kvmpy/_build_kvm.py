@@ -33,7 +33,7 @@ CONSTANT_PREFIXES = (
     "KVM_IRQFD_FLAG_", "KVM_IOEVENTFD_FLAG_", "KVM_MSR_FILTER_", "KVM_VCPUEVENT_",
     "KVM_SYNC_X86_", "KVM_MSR_EXIT_REASON_", "KVM_X86_QUIRK_", "KVM_IRQCHIP_",
     "KVM_PIT_", "KVM_CLOCK_", "KVM_MSI_", "KVM_X2APIC_API_", "KVM_X86_DISABLE_EXITS_",
-    "KVM_STATE_", "KVM_DIRTY_LOG_", "KVM_BUS_LOCK_DETECTION_",
+    "KVM_STATE_", "KVM_DIRTY_LOG_", "KVM_BUS_LOCK_DETECTION_", "KVM_NOTIFY_",
 )
 
 # The ioctls kvmpy wraps, by the header's names. The numbers come from the
@@ -203,6 +203,33 @@ typedef struct { __u32 suberror; __u32 ndata; __u64 flags; __u8 insn_size; __u8 
 typedef struct { __u32 type; __u32 ndata; __u64 data[16]; ...; } kvm_run_system_event_t;
 typedef struct { __u8 error; __u32 reason; __u32 index; __u64 data; ...; } kvm_run_msr_t;
 typedef struct { __u32 flags; } kvm_run_notify_t;
+/* The union members of exit reasons kvmpy's x86 VMM never asks for (other architectures, Hyper-V, Xen):
+   declared so that exits.py decodes every reason the header names into a typed record. */
+typedef struct { __u64 rip; __u32 is_write; ...; } kvm_run_tpr_access_t;
+typedef struct { __u8 icptcode; __u16 ipa; __u32 ipb; } kvm_run_s390_sieic_t;
+typedef struct { __u64 trans_exc_code; __u32 pgm_code; ...; } kvm_run_s390_ucontrol_t;
+typedef struct { __u32 dcrn; __u32 data; __u8 is_write; ...; } kvm_run_dcr_t;
+typedef struct { __u64 gprs[32]; } kvm_run_osi_t;
+typedef struct { __u64 nr; __u64 ret; __u64 args[9]; } kvm_run_papr_hcall_t;
+typedef struct { __u16 subchannel_id; __u16 subchannel_nr; __u32 io_int_parm; __u32 io_int_word; __u32 ipb;
+                 __u8 dequeued; ...; } kvm_run_s390_tsch_t;
+typedef struct { __u32 epr; } kvm_run_epr_t;
+typedef struct { __u64 addr; __u8 ar; __u8 fc; __u8 sel1; __u16 sel2; ...; } kvm_run_s390_stsi_t;
+typedef struct { __u8 vector; } kvm_run_eoi_t;
+typedef struct { __u32 msr; __u64 control; __u64 evt_page; __u64 msg_page; ...; } kvm_hyperv_synic_t;
+typedef struct { __u64 input; __u64 result; __u64 params[2]; } kvm_hyperv_hcall_t;
+typedef struct { __u32 msr; __u64 control; __u64 status; __u64 send_page; __u64 recv_page; __u64 pending_page;
+                 ...; } kvm_hyperv_syndbg_t;
+typedef union { kvm_hyperv_synic_t synic; kvm_hyperv_hcall_t hcall; kvm_hyperv_syndbg_t syndbg; } kvm_hyperv_u_t;
+typedef struct { __u32 type; kvm_hyperv_u_t u; ...; } kvm_run_hyperv_t;
+typedef struct { __u64 esr_iss; __u64 fault_ipa; } kvm_run_arm_nisv_t;
+typedef struct { __u32 longmode; __u32 cpl; __u64 input; __u64 result; __u64 params[6]; } kvm_xen_hcall_t;
+typedef union { kvm_xen_hcall_t hcall; } kvm_xen_u_t;
+typedef struct { __u32 type; kvm_xen_u_t u; ...; } kvm_run_xen_t;
+typedef struct { unsigned long extension_id; unsigned long function_id; unsigned long args[6];
+                 unsigned long ret[2]; } kvm_run_riscv_sbi_t;
+typedef struct { unsigned long csr_num; unsigned long new_value; unsigned long write_mask;
+                 unsigned long ret_value; } kvm_run_riscv_csr_t;
 typedef struct { struct kvm_sync_regs regs; ...; } kvm_run_s_t;
 
 struct kvm_run {
@@ -226,6 +253,22 @@ struct kvm_run {
     kvm_run_system_event_t system_event;
     kvm_run_msr_t msr;
     kvm_run_notify_t notify;
+    kvm_run_tpr_access_t tpr_access;
+    kvm_run_s390_sieic_t s390_sieic;
+    __u64 s390_reset_flags;
+    kvm_run_s390_ucontrol_t s390_ucontrol;
+    kvm_run_dcr_t dcr;
+    kvm_run_osi_t osi;
+    kvm_run_papr_hcall_t papr_hcall;
+    kvm_run_s390_tsch_t s390_tsch;
+    kvm_run_epr_t epr;
+    kvm_run_s390_stsi_t s390_stsi;
+    kvm_run_eoi_t eoi;
+    kvm_run_hyperv_t hyperv;
+    kvm_run_arm_nisv_t arm_nisv;
+    kvm_run_xen_t xen;
+    kvm_run_riscv_sbi_t riscv_sbi;
+    kvm_run_riscv_csr_t riscv_csr;
     __u64 kvm_valid_regs;
     __u64 kvm_dirty_regs;
     kvm_run_s_t s;
@@ -310,6 +353,27 @@ KVM_RUN_MEMBER(emulation_failure)
 KVM_RUN_MEMBER(system_event)
 KVM_RUN_MEMBER(msr)
 KVM_RUN_MEMBER(notify)
+KVM_RUN_MEMBER(tpr_access)
+KVM_RUN_MEMBER(s390_sieic)
+KVM_RUN_MEMBER(s390_ucontrol)
+KVM_RUN_MEMBER(dcr)
+KVM_RUN_MEMBER(osi)
+KVM_RUN_MEMBER(papr_hcall)
+KVM_RUN_MEMBER(s390_tsch)
+KVM_RUN_MEMBER(epr)
+KVM_RUN_MEMBER(s390_stsi)
+KVM_RUN_MEMBER(eoi)
+KVM_RUN_MEMBER(hyperv)
+KVM_RUN_MEMBER(arm_nisv)
+KVM_RUN_MEMBER(xen)
+KVM_RUN_MEMBER(riscv_sbi)
+KVM_RUN_MEMBER(riscv_csr)
+typedef __typeof__(((struct kvm_hyperv_exit *)0)->u.synic) kvm_hyperv_synic_t;
+typedef __typeof__(((struct kvm_hyperv_exit *)0)->u.hcall) kvm_hyperv_hcall_t;
+typedef __typeof__(((struct kvm_hyperv_exit *)0)->u.syndbg) kvm_hyperv_syndbg_t;
+typedef __typeof__(((struct kvm_hyperv_exit *)0)->u) kvm_hyperv_u_t;
+typedef __typeof__(((struct kvm_xen_exit *)0)->u.hcall) kvm_xen_hcall_t;
+typedef __typeof__(((struct kvm_xen_exit *)0)->u) kvm_xen_u_t;
 KVM_RUN_MEMBER(s)
 
 static int kvmpy_ioctl(int fd, unsigned long request, void *arg)

@@ -45,7 +45,8 @@ from collections import Counter
 from typing import Any, Callable
 
 from ._kvm import ffi, lib
-from .errors import GuestError, GuestMemoryError, KvmError
+from .errors import GuestError, GuestMemoryError, KvmError, PageFault
+from .memory import MAX_PHYS_BITS, Access
 from .exits import InternalErrorExit
 from .x86.arch import Cr0, Cr4, Rflags, Vector, cpl as _cpl, cpu_mode
 from .x86.decode import Decoder, Fault, Instruction, effective_address, read_register
@@ -157,7 +158,8 @@ def _stac(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fa
 def _cache_flush(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -> Fault | None:
     # Guest RAM is ordinary coherent host memory: nothing to write back. The
     # operand is still translated, so an unmapped line faults as on the CPU.
-    fault = a.check_operand(regs, sregs, insn, write=False)
+    # SDM: CLFLUSH's operand is checked as a byte load (CLWB, CLFLUSHOPT likewise).
+    fault = a.check_operand(vcpu, regs, sregs, insn, write=False)
     if fault is not None:
         return fault
     _advance(vcpu, regs, insn)
@@ -190,9 +192,9 @@ def _invpcid(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) ->
         return Fault(GP_VECTOR, 0)
     kind = read_register(regs, insn.regs[0])
     linear = effective_address(insn, insn.mems[0], regs, sregs)
-    descriptor = a.read_linear(vcpu, sregs, linear, 16)
-    if descriptor is None:
-        return Fault(PF_VECTOR, a.pf_error_code(linear, sregs, write=False), linear)
+    descriptor = a.load(vcpu, sregs, linear, 16, a.data_access(regs, sregs, write=False))
+    if isinstance(descriptor, Fault):
+        return descriptor
     pcid = int.from_bytes(descriptor[:8], "little")
     address = int.from_bytes(descriptor[8:], "little")
     if kind > 3 or pcid >> 12:
@@ -298,12 +300,13 @@ def _avx_move(a: Assists, vcpu: Any, regs: Any, sregs: Any, insn: Instruction) -
         if _AVX_MOVES[insn.base_mnemonic] and linear % width:
             return Fault(GP_VECTOR, 0)
         if insn.op_str.startswith(("xmmword", "ymmword")):  # store: memory destination
-            if not a.write_linear(sregs, linear, _vreg_get(xs, insn.regs[0])):
-                return Fault(PF_VECTOR, a.pf_error_code(linear, sregs, write=True), linear)
+            fault = a.store(vcpu, sregs, linear, _vreg_get(xs, insn.regs[0]), a.data_access(regs, sregs, write=True))
+            if fault is not None:
+                return fault
         else:
-            data = a.read_linear(vcpu, sregs, linear, width)
-            if data is None:
-                return Fault(PF_VECTOR, a.pf_error_code(linear, sregs, write=False), linear)
+            data = a.load(vcpu, sregs, linear, width, a.data_access(regs, sregs, write=False))
+            if isinstance(data, Fault):
+                return data
             _vreg_set(xs, insn.regs[0], data)
     else:
         _vreg_set(xs, insn.regs[0], _vreg_get(xs, insn.regs[1]))
@@ -365,58 +368,88 @@ class Assists:
 
     # -- helpers used by the completions -----------------------------------------------
 
-    def read_linear(self, vcpu: Any, sregs: Any, linear: int, size: int) -> bytes | None:
-        """`size` bytes at a linear address through the guest's page tables; None if unmapped."""
+    def maxphyaddr(self, vcpu: Any) -> int:
+        """The guest's MAXPHYADDR (CPUID 0x80000008 EAX[7:0]): address bits above it are reserved in PTEs."""
+        if vcpu is None:
+            return MAX_PHYS_BITS
+        bits = self.cpuid(vcpu, 0x8000_0008, 0)[0] & 0xFF
+        return bits if 32 <= bits <= MAX_PHYS_BITS else MAX_PHYS_BITS
+
+    def walk(self, vcpu: Any, sregs: Any, linear: int, access: Access) -> int:
+        """The GPA of `linear` for `access`, or `PageFault` with the CPU's error code (permissions checked)."""
+        return self.memory.translate(linear, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4, efer=sregs.efer,
+                                     access=access, maxphyaddr=self.maxphyaddr(vcpu))
+
+    def read_linear(self, vcpu: Any, sregs: Any, linear: int, size: int,
+                    access: Access | None = None) -> bytes | None:
+        """`size` bytes at a linear address through the guest's page tables; None if a page faults.
+
+        `access` defaults to an implicit supervisor read (descriptor tables).
+        """
+        try:
+            data = self.load(vcpu, sregs, linear, size, access or Access(implicit=True))
+        except CannotComplete:
+            return None  # a table or the page outside guest RAM
+        return data if isinstance(data, bytes) else None
+
+    def load(self, vcpu: Any, sregs: Any, linear: int, size: int, access: Access) -> bytes | Fault:
+        """`size` bytes at a linear address read as `access`, or the #PF (CR2 = the faulting byte) a CPU raises."""
         if self.memory is None:
-            return None
+            raise CannotComplete("no guest memory to read the operand from")
         out = bytearray()
         try:
             while size:
-                gpa = self.memory.translate(linear, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4, efer=sregs.efer)
+                gpa = self.walk(vcpu, sregs, linear, access)
                 n = min(size, 4096 - (gpa & 0xFFF))
                 out += self.memory.read(gpa, n)
                 linear, size = linear + n, size - n
-        except GuestMemoryError:
-            return None
+        except PageFault as e:
+            return Fault(PF_VECTOR, e.error_code, e.address)
+        except GuestMemoryError as e:
+            raise CannotComplete(f"operand at linear {linear:#x}: {e}") from None
         return bytes(out)
 
-    def write_linear(self, sregs: Any, linear: int, data: bytes) -> bool:
-        """Store `data` at a linear address through the page tables; False if a page is unmapped.
+    def store(self, vcpu: Any, sregs: Any, linear: int, data: bytes, access: Access) -> Fault | None:
+        """Store `data` at a linear address as `access` (write), or return the #PF a CPU raises.
 
-        Every page is translated before anything is written, so a fault leaves memory as it was.
+        Every page is translated (and checked) before anything is written, so a fault leaves memory as it was.
         """
         if self.memory is None:
-            return False
+            raise CannotComplete("no guest memory to write the operand to")
         pieces = []
         offset = 0
         try:
             while offset < len(data):
-                gpa = self.memory.translate(linear + offset, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4,
-                                            efer=sregs.efer)
+                gpa = self.walk(vcpu, sregs, linear + offset, access)
                 n = min(len(data) - offset, 4096 - (gpa & 0xFFF))
                 if not self.memory.is_ram(gpa, n):
                     raise CannotComplete(f"store to non-RAM GPA {gpa:#x} from a directly completed instruction")
                 pieces.append((gpa, data[offset:offset + n]))
                 offset += n
-        except GuestMemoryError:
-            return False
+        except PageFault as e:
+            return Fault(PF_VECTOR, e.error_code, e.address)
+        except GuestMemoryError as e:
+            raise CannotComplete(f"operand at linear {linear + offset:#x}: {e}") from None
         for gpa, piece in pieces:
             self.memory.write(gpa, piece)
-        return True
+        return None
 
-    def pf_error_code(self, linear: int, sregs: Any, *, write: bool) -> int:
-        from .x86.emulate import page_fault_error_code
-        return page_fault_error_code(self.memory, linear, sregs, write=write)
+    @staticmethod
+    def data_access(regs: Any, sregs: Any, *, write: bool) -> Access:
+        """An explicit data access by the instruction at the vCPU's CPL."""
+        return Access.of_cpu(_cpl(sregs), regs.rflags, write=write)
 
-    def check_operand(self, regs: Any, sregs: Any, insn: Instruction, *, write: bool) -> Fault | None:
-        """#PF if the memory operand's page is not mapped (paging on), else None."""
+    def check_operand(self, vcpu: Any, regs: Any, sregs: Any, insn: Instruction, *, write: bool) -> Fault | None:
+        """#PF if the memory operand's page does not allow this access (paging on), else None."""
         if not insn.mems or not sregs.cr0 & (1 << 31) or self.memory is None:
             return None
         linear = effective_address(insn, insn.mems[0], regs, sregs)
         try:
-            self.memory.translate(linear, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4, efer=sregs.efer)
-        except GuestMemoryError:
-            return Fault(PF_VECTOR, self.pf_error_code(linear, sregs, write=write), linear)
+            self.walk(vcpu, sregs, linear, self.data_access(regs, sregs, write=write))
+        except PageFault as e:
+            return Fault(PF_VECTOR, e.error_code, e.address)
+        except GuestMemoryError as e:
+            raise CannotComplete(f"operand at linear {linear:#x}: {e}") from None
         return None
 
     def check_gate(self, vcpu: Any, sregs: Any, vector: int) -> Fault | None:
@@ -472,8 +505,9 @@ class Assists:
         if exit.insn_bytes:
             return exit.insn_bytes
         linear = sregs.cs.base + regs.rip
+        fetch = Access.of_cpu(_cpl(sregs), regs.rflags, fetch=True)
         for size in (15, 4096 - (linear & 0xFFF)):  # the second try stops at the page end
-            data = self.read_linear(vcpu, sregs, linear, min(size, 15))
+            data = self.read_linear(vcpu, sregs, linear, min(size, 15), fetch)
             if data is not None:
                 return data
         return b""
@@ -504,7 +538,8 @@ class Assists:
         if insn is None and exit.insn_bytes:
             # KVM reports the bytes it fetched before giving up, which can be fewer than
             # the instruction has: read them again through the guest's page tables.
-            fetched = self.read_linear(vcpu, sregs, sregs.cs.base + regs.rip, 15)
+            fetched = self.read_linear(vcpu, sregs, sregs.cs.base + regs.rip, 15,
+                                       Access.of_cpu(_cpl(sregs), regs.rflags, fetch=True))
             if fetched:
                 code = fetched
                 insn = self.decoder.decode(code, bits)
@@ -525,6 +560,13 @@ class Assists:
             self.completed["(invalid)"] += 1
             exit.handled_as = handled_as("(invalid)")
             return True
+        if insn is None and self.memory is not None and sregs.cr0 & (1 << 31):
+            fault = self.load(vcpu, sregs, sregs.cs.base + regs.rip, 1,
+                              Access.of_cpu(_cpl(sregs), regs.rflags, fetch=True))
+            if isinstance(fault, Fault):  # the fetch itself faults (not present, NX, SMEP): #PF as on the CPU
+                self.inject(vcpu, sregs, fault)
+                self.faults["(fetch) #14"] += 1
+                return True
         if insn is None:
             raise fail("the instruction bytes could not be read")
         name = insn.base_mnemonic
@@ -537,6 +579,7 @@ class Assists:
             else:
                 from .x86.emulate import UnicornUnsupported
                 try:
+                    self.executor.maxphyaddr = self.maxphyaddr(vcpu)
                     fault = self.executor.execute(vcpu, regs, sregs, insn)
                 except UnicornUnsupported as e:
                     raise CannotComplete(str(e)) from e

@@ -51,6 +51,15 @@ class GuestMemoryError(KvmError):
     """A guest-physical access outside guest RAM, or a bad memory layout."""
 
 
+class PageFault(GuestMemoryError):
+    """A guest page walk that the CPU would end with #PF: `address` (CR2) and `error_code` (SDM vol. 3A, 4.7)."""
+
+    def __init__(self, address: int, error_code: int, message: str) -> None:
+        super().__init__(message)
+        self.address = address
+        self.error_code = error_code
+
+
 class BusError(KvmError):
     """A device-bus registration conflict."""
 

@@ -12,19 +12,21 @@ against the regions, so a bad address from an untrusted guest raises
 from __future__ import annotations
 
 import bisect
+import enum
 import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ._kvm import ffi
-from .errors import GuestMemoryError
+from .errors import GuestMemoryError, PageFault
 # x86/arch.py is a leaf (it imports nothing from kvmpy), so this is no upward import.
 from .x86.arch import Cr0, Cr4, Efer
 
 PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20
+MAX_PHYS_BITS = 52  # the architectural limit; a CPU's MAXPHYADDR (CPUID 0x80000008 EAX[7:0]) may be lower
 
 # x86 PC convention: RAM above 3 GiB moves above 4 GiB, leaving the 32-bit
 # MMIO hole for the IOAPIC (0xfec00000), LAPIC (0xfee00000) and devices.
@@ -262,13 +264,18 @@ class GuestMemory:
     # -- guest virtual -> guest physical -----------------------------------
 
     def translate(self, gva: int, cr3: int, *, cr0: int = 1 << 31, cr4: int = 1 << 5,
-                  efer: int = 1 << 10) -> int:
+                  efer: int = 1 << 10, access: Access | None = None, maxphyaddr: int = MAX_PHYS_BITS) -> int:
         """Walk the guest's page tables like the MMU does; return the GPA of `gva`.
 
-        Handles no paging, 32-bit (with PSE), PAE and 4-/5-level paging.
-        Raises `GuestMemoryError` for a non-present mapping or a table outside RAM.
+        Handles no paging, 32-bit (with PSE/PSE-36), PAE and 4-/5-level paging.
+        Raises `PageFault` (with the CPU's error code) for a non-present entry,
+        a reserved bit (address bits at or above `maxphyaddr`, XD without
+        EFER.NXE, level-specific ones), or a right `access` lacks: R/W with
+        CR0.WP, U/S with SMAP/SMEP, NX. Without `access`, a supervisor read.
+        `GuestMemoryError` for a table outside RAM. Accessed/dirty bits are
+        not set (the guest's own MMU sets them when it runs the access).
         """
-        return translate(self, gva, cr3, cr0=cr0, cr4=cr4, efer=efer)
+        return translate(self, gva, cr3, cr0=cr0, cr4=cr4, efer=efer, access=access, maxphyaddr=maxphyaddr)
 
     def close(self) -> None:
         for r in self.regions:
@@ -290,47 +297,152 @@ class GuestMemory:
         self.close()
 
 
-_CR0_PG, _CR4_PSE, _CR4_PAE, _CR4_LA57, _EFER_LMA = Cr0.PG, Cr4.PSE, Cr4.PAE, Cr4.LA57, Efer.LMA
+_CR0_PG, _CR0_WP, _CR4_PSE, _CR4_PAE, _CR4_LA57 = Cr0.PG, Cr0.WP, Cr4.PSE, Cr4.PAE, Cr4.LA57
+_CR4_SMEP, _CR4_SMAP, _EFER_LMA, _EFER_NXE = Cr4.SMEP, Cr4.SMAP, Efer.LMA, Efer.NXE
 _PRESENT = 1
+_RW = 1 << 1
+_US = 1 << 2
 _PS = 1 << 7
+_XD = 1 << 63
 _ADDR_MASK = 0x000F_FFFF_FFFF_F000
 
 
-def translate(mem: GuestMemory, gva: int, cr3: int, *, cr0: int, cr4: int, efer: int) -> int:
-    """Page walk shared by `GuestMemory.translate` (see there)."""
+class PfError(enum.IntFlag):
+    """#PF error code bits (SDM vol. 3A, figure 4-12)."""
+
+    P = 1          # 0: not present; 1: a protection or reserved-bit violation
+    W = 1 << 1     # the access was a write
+    U = 1 << 2     # a user-mode access (CPL 3, not an implicit supervisor access)
+    RSVD = 1 << 3  # a reserved bit was set in a paging-structure entry
+    ID = 1 << 4    # an instruction fetch (with NX paging or SMEP)
+
+
+@dataclass(frozen=True)
+class Access:
+    """What an access is, for the permission checks of a page walk (SDM vol. 3A, 4.6).
+
+    `user`: CPL 3 and not an implicit supervisor access (GDT, IDT, TSS reads
+    are supervisor accesses at any CPL: pass `user=False, implicit=True`).
+    `ac`: RFLAGS.AC, which lifts SMAP for explicit supervisor data accesses.
+    """
+
+    write: bool = False
+    fetch: bool = False
+    user: bool = False
+    implicit: bool = False
+    ac: bool = False
+
+    @classmethod
+    def of_cpu(cls, cpl: int, rflags: int = 0, *, write: bool = False, fetch: bool = False,
+               implicit: bool = False) -> Access:
+        """The access a CPU at `cpl` with `rflags` makes (AC is bit 18)."""
+        return cls(write=write, fetch=fetch, user=cpl == 3 and not implicit, implicit=implicit,
+                   ac=bool(rflags & (1 << 18)))
+
+
+# PfError as plain ints: the walk is on the completion path, and IntFlag arithmetic costs microseconds.
+_PF_P, _PF_W, _PF_U, _PF_RSVD, _PF_ID = 1, 2, 4, 8, 16
+
+
+def translate(mem: GuestMemory, gva: int, cr3: int, *, cr0: int, cr4: int, efer: int,
+              access: Access | None = None, maxphyaddr: int = MAX_PHYS_BITS) -> int:
+    """Page walk shared by `GuestMemory.translate` (see there).
+
+    Raises `PageFault` (a `GuestMemoryError`) with the error code a CPU would
+    push for a non-present entry, a reserved bit, or (when `access` is given)
+    a permission the access lacks; `GuestMemoryError` for a table outside RAM.
+    """
     if not cr0 & _CR0_PG:
         return gva & 0xFFFF_FFFF
-    if not cr4 & _CR4_PAE:
-        # 32-bit paging: 10/10/12, 4 MiB pages when PSE.
+    access = access or Access()
+    pae = bool(cr4 & _CR4_PAE)
+    nx = pae and bool(efer & _EFER_NXE)
+    code = (_PF_W if access.write else 0) | (_PF_U if access.user else 0)
+    if access.fetch and (nx or cr4 & _CR4_SMEP):
+        code |= _PF_ID
+
+    def fault(bits: int, why: str) -> PageFault:
+        return PageFault(gva, code | bits, f"GVA {gva:#x}: {why} (#PF error code {code | bits:#x})")
+
+    rw = us = True
+    xd = False
+    if not pae:
+        # 32-bit paging: 10/10/12, 4 MiB pages when PSE (PSE-36: PA bits 39:32 in PDE bits 20:13).
         pde = mem.read_u32((cr3 & 0xFFFF_F000) + ((gva >> 22) & 0x3FF) * 4)
         if not pde & _PRESENT:
-            raise GuestMemoryError(f"GVA {gva:#x}: page directory entry not present")
+            raise fault(0, "page directory entry not present")
+        rw, us = bool(pde & _RW), bool(pde & _US)
         if pde & _PS and cr4 & _CR4_PSE:
-            return (pde & 0xFFC0_0000) | (gva & 0x3F_FFFF)
-        pte = mem.read_u32((pde & 0xFFFF_F000) + ((gva >> 12) & 0x3FF) * 4)
-        if not pte & _PRESENT:
-            raise GuestMemoryError(f"GVA {gva:#x}: page table entry not present")
-        return (pte & 0xFFFF_F000) | (gva & 0xFFF)
+            high_bits = max(min(maxphyaddr, 40) - 32, 0)
+            if pde & (1 << 21) or (pde >> (13 + high_bits)) & ((1 << (8 - high_bits)) - 1):
+                raise fault(_PF_P | _PF_RSVD, f"reserved bit set in the 4 MiB PDE {pde:#x}")
+            gpa = (pde & 0xFFC0_0000) | (((pde >> 13) & 0xFF) << 32) | (gva & 0x3F_FFFF)
+        else:
+            pte = mem.read_u32((pde & 0xFFFF_F000) + ((gva >> 12) & 0x3FF) * 4)
+            if not pte & _PRESENT:
+                raise fault(0, "page table entry not present")
+            rw, us = rw and bool(pte & _RW), us and bool(pte & _US)
+            gpa = (pte & 0xFFFF_F000) | (gva & 0xFFF)
+        _check_permissions(access, rw, us, False, cr0, cr4, fault)
+        return gpa
+    # Reserved in every PAE / 4-level entry: address bits at and above MAXPHYADDR, and XD without NXE.
+    reserved = ((1 << 52) - 1) & ~((1 << maxphyaddr) - 1)
+    if not nx:
+        reserved |= _XD
+    addr_mask = _ADDR_MASK & ((1 << maxphyaddr) - 1)
     if efer & _EFER_LMA:
         levels = 5 if cr4 & _CR4_LA57 else 4
-        table = cr3 & _ADDR_MASK
+        table = cr3 & addr_mask
+        shift = 12 + 9 * levels
     else:
-        levels = 3
+        # PAE: the four PDPTEs (loaded at MOV CR3 on a CPU, where bad ones #GP) carry no R/W, U/S or XD.
         pdpte = mem.read_u64((cr3 & 0xFFFF_FFE0) + ((gva >> 30) & 3) * 8)
         if not pdpte & _PRESENT:
-            raise GuestMemoryError(f"GVA {gva:#x}: PDPTE not present")
-        table = pdpte & _ADDR_MASK
-        levels = 2
-    shift = 12 + 9 * (levels - 1) if levels != 2 else 21
-    for _ in range(levels):
+            raise fault(0, "PDPTE not present")
+        table = pdpte & addr_mask
+        shift = 30
+    while True:
+        shift -= 9
         entry = mem.read_u64(table + ((gva >> shift) & 0x1FF) * 8)
         if not entry & _PRESENT:
-            raise GuestMemoryError(f"GVA {gva:#x}: paging entry for bit {shift} not present")
-        if shift == 12:
-            return (entry & _ADDR_MASK) | (gva & 0xFFF)
-        if entry & _PS and shift in (21, 30):
+            raise fault(0, f"paging entry for bit {shift} not present")
+        leaf = shift == 12 or entry & _PS
+        bad = reserved
+        if entry & _PS:
+            if shift > 30:
+                bad |= _PS  # no pages above 1 GiB: PS is reserved in PML4Es and PML5Es
+            elif shift in (21, 30):
+                bad |= ((1 << shift) - 1) & ~0x1FFF  # a large page's address bits below its size (PAT is bit 12)
+        if entry & bad:
+            raise fault(_PF_P | _PF_RSVD,
+                        f"reserved bit set in the paging entry for bit {shift} ({entry:#x})")
+        rw, us = rw and bool(entry & _RW), us and bool(entry & _US)
+        xd = xd or (nx and bool(entry & _XD))
+        if leaf:
+            _check_permissions(access, rw, us, xd, cr0, cr4, fault)
             mask = (1 << shift) - 1
-            return (entry & _ADDR_MASK & ~mask) | (gva & mask)
-        table = entry & _ADDR_MASK
-        shift -= 9
-    raise GuestMemoryError(f"GVA {gva:#x}: malformed page walk")  # pragma: no cover
+            return (entry & addr_mask & ~mask) | (gva & mask)
+        table = entry & addr_mask
+
+
+def _check_permissions(access: Access, rw: bool, us: bool, xd: bool, cr0: int, cr4: int,
+                       fault: Callable[[int, str], PageFault]) -> None:
+    """SDM vol. 3A, 4.6.1: what a translation with these accumulated rights allows this access."""
+    if access.user:
+        if not us:
+            raise fault(_PF_P, "user-mode access to a supervisor page")
+        if access.write and not rw:
+            raise fault(_PF_P, "user-mode write to a read-only page")
+        if access.fetch and xd:
+            raise fault(_PF_P, "instruction fetch from a no-execute page")
+        return
+    if access.fetch:
+        if us and cr4 & _CR4_SMEP:
+            raise fault(_PF_P, "supervisor fetch from a user page with SMEP")
+        if xd:
+            raise fault(_PF_P, "instruction fetch from a no-execute page")
+        return
+    if us and cr4 & _CR4_SMAP and (access.implicit or not access.ac):
+        raise fault(_PF_P, "supervisor data access to a user page with SMAP (RFLAGS.AC clear)")
+    if access.write and not rw and cr0 & _CR0_WP:
+        raise fault(_PF_P, "supervisor write to a read-only page with CR0.WP")

@@ -209,7 +209,8 @@ class MicroVM:
         log = m.console
         with log.cond:
             while True:
-                window = bytes(log.data[self._cursor:]).decode("utf-8", "surrogateescape")
+                window = log.since(self._cursor).decode("utf-8", "surrogateescape")
+                self._cursor = max(self._cursor, log.base)  # output older than the log keeps is gone
                 found = rx.search(window)
                 if found:
                     self._cursor += len(window[:found.end()].encode("utf-8", "surrogateescape"))
@@ -276,7 +277,7 @@ class MicroVM:
         self.console_sink = console_sink
         self.machine = machine
         self._lock = threading.Lock()
-        self._cursor = int(snap.manifest.get("meta", {}).get("expect_cursor", len(machine.console.data)))
+        self._cursor = int(snap.manifest.get("meta", {}).get("expect_cursor", machine.console.end))
         self.restore_seconds = report.seconds
         if start:
             machine.start()

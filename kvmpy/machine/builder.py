@@ -231,7 +231,7 @@ def _assemble(config: MachineConfig, quirks: Quirks, multiboot: bool, memory: Gu
         vm.add_memory(memory)
 
         ending = Ending()
-        console = ConsoleLog(console_sink, ending.finish)
+        console = ConsoleLog(sink=console_sink, on_outcome=ending.finish)
         pio, mmio = pio_bus(), mmio_bus()
         def com1_irq(level: bool) -> None:
             vm.irq_line(COM1_IRQ, int(level))

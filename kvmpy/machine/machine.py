@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..bus import Bus
+from ..devices.console_log import ConsoleLog as BoundedConsoleLog
 from ..devices.i8042 import I8042
 from ..devices.serial import Serial16550
 from ..devices.testdev import debug_exit_status
@@ -113,27 +114,24 @@ class Ending:
 
 
 @dataclass
-class ConsoleLog:
-    """Everything the guest printed on COM1, searchable while it runs; finds power-off and panic lines."""
+class ConsoleLog(BoundedConsoleLog):
+    """The guest's COM1 output (bounded, kvmpy/devices/console_log.py), passed on to `sink` as it comes,
+    and scanned line by line for the power-off and panic lines that end a guest without ACPI."""
 
     sink: Callable[[bytes], None] | None = None
     on_outcome: Callable[..., None] | None = None
-    data: bytearray = field(default_factory=bytearray)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    scan_from: int = 0  # the markers were looked for up to here
+    scan_from: int = 0  # absolute offset up to which the markers were looked for
 
     def append(self, b: bytes) -> None:
-        with self.cond:
-            self.data += b
-            self.cond.notify_all()
+        super().append(b)
         if self.sink is not None:
             self.sink(b)
         if b == b"\n":
             self._scan()
 
     def _scan(self) -> None:
-        window = bytes(self.data[max(self.scan_from - 64, 0):])
-        self.scan_from = len(self.data)
+        window = self.since(max(self.scan_from - 64, 0))
+        self.scan_from = self.end
         if self.on_outcome is None:
             return
         if PANIC_MARKER in window:
@@ -141,34 +139,20 @@ class ConsoleLog:
         elif POWER_OFF_MARKER in window or HALT_MARKER in window:
             self.on_outcome(Outcome(Status.POWEROFF, "guest powered off"))
 
-    def wait_for(self, text: bytes, timeout: float | None, start: int = 0) -> int:
-        """Offset just past `text` once printed; -1 on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
-            while True:
-                i = self.data.find(text, start)
-                if i >= 0:
-                    return i + len(text)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return -1
-                self.cond.wait(remaining if remaining is not None else 1.0)
-
-    def text(self) -> str:
-        with self.cond:
-            return self.data.decode(errors="replace")
-
     def contents(self) -> bytes:
+        """What is kept (from `base` to `end`)."""
         with self.cond:
             return bytes(self.data)
 
     def snapshot_state(self) -> dict:
         with self.cond:
-            return {"offset": len(self.data), "scan_from": self.scan_from}
+            return {"end": self.end, "base": self.base, "scan_from": self.scan_from}
 
     def restore_state(self, state: dict, data: bytes) -> None:
+        """Continue from a `snapshot_state()` and the bytes that were kept then (`contents()`)."""
         with self.cond:
-            self.data[:] = data[:int(state["offset"])]
+            self.base = int(state["base"])
+            self.data[:] = data[:int(state["end"]) - self.base]
             self.scan_from = int(state["scan_from"])
 
 

@@ -25,7 +25,7 @@ class MachineState:
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     msr_filter: dict[str, Any] = field(default_factory=dict)
     syscall_trap: dict[str, Any] | None = None
-    console: dict[str, Any] = field(default_factory=lambda: {"offset": 0, "scan_from": 0})
+    console: dict[str, Any] = field(default_factory=lambda: {"end": 0, "base": 0, "scan_from": 0})
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **asdict(self)}

@@ -32,8 +32,8 @@ import unicorn
 import unicorn.x86_const as ux
 from unicorn.unicorn_py3.unicorn import uclib
 
-from ..errors import GuestMemoryError, KvmError
-from ..memory import GuestMemory
+from ..errors import GuestMemoryError, KvmError, PageFault
+from ..memory import MAX_PHYS_BITS, Access, GuestMemory, PfError
 from .arch import ERROR_CODE_VECTORS, Cr0, CpuMode, Rflags, Vector, cpu_mode
 from .decode import Fault, Instruction
 
@@ -202,6 +202,7 @@ class UnicornExecutor:
         self.cpu_model = host_cpu_model() if cpu_model is None else cpu_model
         self._engines: dict[int, _Engine] = {}
         self.executed = 0
+        self.maxphyaddr = MAX_PHYS_BITS  # the guest's, for the #PF error code (Assists sets it)
 
     def _engine(self, sregs: Any) -> _Engine:
         mode = _UC_MODES[cpu_mode(sregs)]
@@ -245,7 +246,7 @@ class UnicornExecutor:
         self.executed += 1
         if engine.fault is not None:
             vector, cr2 = engine.fault
-            return self._fault(vector, cr2, insn, sregs)
+            return self._fault(vector, cr2, insn, sregs, regs.rflags)
         values = engine.readback.read(uc)
         n = len(gprs)
         if n == 8:  # 16/32-bit: Unicorn holds the low halves; the upper ones are untouched
@@ -265,9 +266,13 @@ class UnicornExecutor:
             vcpu.set_fpu(fpu)
         return None
 
-    def _fault(self, vector: int, cr2: int, insn: Instruction, sregs: Any) -> Fault:
+    def _fault(self, vector: int, cr2: int, insn: Instruction, sregs: Any, rflags: int) -> Fault:
         if vector == PF_VECTOR:
-            return Fault(vector, page_fault_error_code(self.memory, cr2, sregs, write=insn.writes_memory), cr2)
+            # Unicorn gives CR2 only: the error code comes from the guest's walk for the access
+            # (a read-modify-write is checked, and reported, as the write it does).
+            code = page_fault_error_code(self.memory, cr2, sregs, write=insn.writes_memory, rflags=rflags,
+                                         maxphyaddr=self.maxphyaddr)
+            return Fault(vector, int(code), cr2)
         return Fault(vector, 0 if vector in ERROR_CODE_VECTORS else None)
 
     def close(self) -> None:
@@ -276,21 +281,28 @@ class UnicornExecutor:
 
 
 def page_fault_error_code(memory: GuestMemory, cr2: int, sregs: Any, *, write: bool,
-                          fetch: bool = False) -> int:
+                          fetch: bool = False, rflags: int = 0, maxphyaddr: int = MAX_PHYS_BITS) -> int:
     """The #PF error code for an access to `cr2` (SDM vol. 3A, figure 4-12).
 
-    P from the guest's page walk (0: not present), W/R from the access,
-    U/S from CPL, I/D for a fetch with NX paging.
+    The guest's page walk with the access's rights (`kvmpy.memory.translate`)
+    gives P, W/R, U/S (CPL 3), RSVD and I/D. If the walk allows the access,
+    Unicorn faulted for a reason kvmpy does not model (protection keys): a
+    protection violation (P=1) with the access bits.
     """
+    cpl = sregs.cs.dpl if sregs.cr0 & _CR0_PE else 0
+    access = Access.of_cpu(cpl, rflags, write=write, fetch=fetch)
     try:
-        memory.translate(cr2, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4, efer=sregs.efer)
-        present = 1
+        memory.translate(cr2, sregs.cr3, cr0=sregs.cr0, cr4=sregs.cr4, efer=sregs.efer, access=access,
+                         maxphyaddr=maxphyaddr)
+        present = PfError.P
+    except PageFault as e:
+        return e.error_code
     except GuestMemoryError:
-        present = 0
-    code = present | (2 if write else 0) | (4 if sregs.cs.dpl == 3 else 0)
-    if fetch and sregs.efer & (1 << 11):
-        code |= 0x10
-    return code
+        present = 0  # a paging structure outside guest RAM: nothing there
+    code = present | (PfError.W if write else 0) | (PfError.U if access.user else 0)
+    if fetch and (sregs.efer & (1 << 11) and sregs.cr4 & (1 << 5) or sregs.cr4 & (1 << 20)):
+        code |= PfError.ID
+    return int(code)
 
 
 # -- x87/SSE state: struct kvm_fpu (FXSAVE layout) <-> Unicorn ---------------------------

@@ -6,7 +6,7 @@ import pytest
 
 from kvmpy._kvm import ffi, lib
 from kvmpy.exits import (Exit, ExitReason, HltExit, InternalError, InternalErrorExit, IoExit, MmioExit,
-                         MsrExit, SystemEvent, SystemEventExit, decode)
+                         MsrExit, RawExit, SystemEvent, SystemEventExit, decode)
 
 PAGE = 4096
 DATA_OFFSET = PAGE  # where KVM puts port I/O data: the page after struct kvm_run
@@ -149,12 +149,14 @@ def test_hlt_decodes_to_hlt_exit(run):
     assert type(decode(r, page)) is HltExit
 
 
-def test_unknown_reason_decodes_to_the_base_exit(run):
+def test_unknown_reason_decodes_to_the_generic_record_with_the_raw_union(run):
     r, page = run
     r.exit_reason = 9999
+    r.hw.hardware_exit_reason = 0x1122_3344_5566_7788
     e = decode(r, page)
-    assert type(e) is Exit
+    assert type(e) is RawExit and isinstance(e, Exit)
     assert (e.reason, e.name) == (9999, "EXIT_9999")
+    assert len(e.union) == 256 and e.union[:8] == bytes.fromhex("8877665544332211")
 
 
 def test_exit_name_is_the_exit_reason_name(run):

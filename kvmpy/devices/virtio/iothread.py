@@ -93,23 +93,34 @@ class IoThread:
     def _run(self) -> None:
         while not self._stopping:
             try:
-                ready = self._epoll.poll()
-            except InterruptedError:
-                continue
+                self.poll_once(None)
             except (OSError, ValueError):
                 return  # epoll closed under us
-            self.wakeups += 1
-            for fd, events in ready:
-                if fd == self._wake:
-                    continue
-                callback = self._callbacks.get(fd)
-                if callback is None:
-                    continue
-                try:
-                    callback(events)
-                except Exception:
-                    self.errors += 1
-                    log.exception("%s: callback for fd %d failed", self.name, fd)
+
+    def poll_once(self, timeout: float | None = 0) -> int:
+        """Wait up to `timeout` seconds (None: forever) and run the ready callbacks on this thread.
+
+        The loop's body; tests that drive a device without the thread call it. Returns how many ran.
+        """
+        try:
+            ready = self._epoll.poll(-1 if timeout is None else timeout)
+        except InterruptedError:
+            return 0
+        self.wakeups += 1
+        ran = 0
+        for fd, events in ready:
+            if fd == self._wake:
+                continue
+            callback = self._callbacks.get(fd)
+            if callback is None:
+                continue
+            ran += 1
+            try:
+                callback(events)
+            except Exception:
+                self.errors += 1
+                log.exception("%s: callback for fd %d failed", self.name, fd)
+        return ran
 
     @property
     def running(self) -> bool:

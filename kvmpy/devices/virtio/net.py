@@ -52,7 +52,7 @@ NET_HDR_SIZE = 12
 QUEUE_SIZE = 256
 RX, TX = 0, 1
 MAX_FRAME = 65562  # 64 KiB + Ethernet/VLAN header: the largest (GSO) frame either way
-_BATCH = 64        # frames per wakeup before giving other sources a turn
+RX_BATCH = 64      # frames per wakeup before giving other sources a turn (docs/reliability.md)
 
 
 def parse_mac(mac: str | bytes) -> bytes:
@@ -156,7 +156,7 @@ class NetDevice(VirtioDevice):
         q = self.queues[RX]
         served = 0
         try:
-            while served < _BATCH:
+            while served < RX_BATCH:
                 chain = next(self.chains(q), None)
                 if chain is None:
                     # No buffers: stop polling the TAP until the driver posts some.

@@ -77,6 +77,12 @@ BUF_ALLOC = 256 << 10      # our receive buffer per connection, announced to the
 MAX_PAYLOAD = 64 << 10     # bytes per RW packet we send
 FIRST_HOST_PORT = 1 << 30  # host ports for host-initiated connections start here
 CONNECT_LINE_MAX = 64
+# Per-VM bounds (docs/reliability.md, "Resource limits"): what a guest that never posts receive
+# buffers, or opens connections without end, can make the VMM hold.
+MAX_CONTROL_PACKETS = 1024  # headers waiting for a receive buffer; past it they are dropped (44 KiB)
+MAX_CONNECTIONS = 256       # host sockets per VM; a REQUEST past it is answered RST, a host client closed
+MAX_PENDING_CLIENTS = 16    # host clients that have not sent their CONNECT line yet; more are closed
+MAX_PACKET = HDR_SIZE + MAX_PAYLOAD  # a guest packet (txq chain) larger than this is dropped unread
 
 
 class Op(enum.IntEnum):
@@ -167,6 +173,8 @@ class VsockDevice(VirtioVsock):
         self.listener: socket.socket | None = None
         self.packets_in = self.packets_out = 0
         self.resets_sent = 0
+        self.control_dropped = 0   # control packets dropped at MAX_CONTROL_PACKETS
+        self.refused = 0           # connections refused at MAX_CONNECTIONS / MAX_PENDING_CLIENTS or socket() errors
 
     # -- host side: listener and sockets ---------------------------------------
 
@@ -196,6 +204,10 @@ class VsockDevice(VirtioVsock):
             if self.transport is None or not self.transport.active:
                 client.close()  # no driver to connect to
                 continue
+            if len(self._pending_clients) >= MAX_PENDING_CLIENTS or len(self.conns) >= MAX_CONNECTIONS:
+                self.refused += 1
+                client.close()  # the host client sees EOF: the VM takes no more connections now
+                continue
             fd = client.fileno()
             self._pending_clients[fd] = (client, bytearray())
             assert self.iothread is not None
@@ -217,6 +229,10 @@ class VsockDevice(VirtioVsock):
         line, rest = bytes(buf).split(b"\n", 1)
         words = line.split()
         if len(words) != 2 or words[0] != b"CONNECT" or not words[1].isdigit() or int(words[1]) >= 1 << 32:
+            self._drop_client(fd)
+            return
+        if len(self.conns) >= MAX_CONNECTIONS:
+            self.refused += 1
             self._drop_client(fd)
             return
         assert self.iothread is not None
@@ -313,6 +329,14 @@ class VsockDevice(VirtioVsock):
 
     def _send_control(self, conn: Connection | None, op: Op, *, flags: int = 0,
                       host_port: int = 0, guest_port: int = 0) -> None:
+        if len(self.control) >= MAX_CONTROL_PACKETS:
+            # The guest takes no packets (no receive buffers): drop this one. A connection that
+            # needed it cannot go on correctly, so its host side is closed (the guest's next packet
+            # on it is answered RST once it reads again).
+            self.control_dropped += 1
+            if conn is not None and self.conns.get(conn.key) is conn:
+                self._close(conn)
+            return
         self.control.append(self._header(conn, op, flags=flags, host_port=host_port, guest_port=guest_port))
 
     def _fill_rx(self) -> None:
@@ -399,6 +423,11 @@ class VsockDevice(VirtioVsock):
             self._fill_rx()
         # EVENT: the driver only posts buffers there; nothing to do.
 
+    def activate(self) -> None:
+        # A guest packet is a header and at most MAX_PAYLOAD bytes (Linux sends 64 KiB at most): a longer
+        # chain is failed by the queue before anything is copied out of guest memory.
+        self.queues[TX].max_chain_bytes = MAX_PACKET
+
     def _packet_from_guest(self, chain) -> None:
         self.packets_in += 1
         if chain.readable_len < HDR_SIZE:
@@ -477,7 +506,17 @@ class VsockDevice(VirtioVsock):
 
     def _connect_to_host(self, host_port: int, guest_port: int, buf_alloc: int, fwd_cnt: int) -> None:
         path = f"{self.uds_path}_{host_port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        if len(self.conns) >= MAX_CONNECTIONS:
+            self.refused += 1
+            self._send_control(None, Op.RST, host_port=host_port, guest_port=guest_port)
+            return
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as e:  # EMFILE/ENFILE/ENOMEM: the host is out of sockets; the guest's connect fails
+            self.refused += 1
+            log.warning("vsock: guest port %d -> host port %d: socket(): %s", guest_port, host_port, e)
+            self._send_control(None, Op.RST, host_port=host_port, guest_port=guest_port)
+            return
         try:
             sock.connect(path)  # AF_UNIX connect completes at once or fails
         except OSError as e:
