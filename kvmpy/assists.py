@@ -42,13 +42,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._kvm import ffi, lib
 from .errors import GuestError, GuestMemoryError, KvmError, PageFault
-from .memory import MAX_PHYS_BITS, Access
 from .exits import InternalErrorExit
-from .x86.arch import Cr0, Cr4, Rflags, Vector, cpl as _cpl, cpu_mode
+from .memory import MAX_PHYS_BITS, Access
+from .x86.arch import Cr0, Cr4, Rflags, Vector, cpu_mode
+from .x86.arch import cpl as _cpl
 from .x86.decode import Decoder, Fault, Instruction, effective_address, read_register
 
 # A hook sees the raw exit first (before any register ioctl) and returns True if it handled it.

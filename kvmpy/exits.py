@@ -9,8 +9,9 @@ into the kvm_run page and a method that completes them.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ._kvm import ffi, lib
 

@@ -37,14 +37,20 @@ import tempfile
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
+from virtio_driver import Allocator, Driver
 
 from kvmpy.devices.virtio import blk, net, rng, vsock
 from kvmpy.devices.virtio.iothread import IoThread
-from kvmpy.devices.virtio.mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
-                                       DeviceStatus, MmioTransport, Register)
+from kvmpy.devices.virtio.mmio import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    DeviceStatus,
+    MmioTransport,
+    Register,
+)
 from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from kvmpy.memory import GuestMemory
-from virtio_driver import Allocator, Driver
 
 # Guest-physical layout: two RAM regions with a hole between them.
 LOW_END = 0x40000
@@ -224,7 +230,8 @@ def _payloads(kind: str) -> st.SearchStrategy[tuple[int, tuple[bytes | int, ...]
     if kind == "rng":
         return st.tuples(st.just(0), st.lists(small | st.binary(max_size=16), min_size=1, max_size=4).map(tuple))
     if kind == "net":
-        frame = st.builds(lambda n, b: bytes(net.NET_HDR_SIZE) + bytes([b]) * n, st.integers(0, 1600), st.integers(0, 255))
+        frame = st.builds(lambda n, b: bytes(net.NET_HDR_SIZE) + bytes([b]) * n,
+                          st.integers(0, 1600), st.integers(0, 255))
         return st.one_of(
             st.tuples(st.just(net.TX), st.lists(frame | st.binary(max_size=30), min_size=1, max_size=3).map(tuple)),
             st.tuples(st.just(net.RX), st.lists(small | st.just(net.NET_HDR_SIZE + 1514), min_size=1,
@@ -250,7 +257,8 @@ def _payloads(kind: str) -> st.SearchStrategy[tuple[int, tuple[bytes | int, ...]
 def requests(kind: str) -> st.SearchStrategy[Request]:
     # Corrupted fields take the hostile values of their kind (an address never names a canary page).
     field_value = st.one_of(st.tuples(st.just(0), addresses), st.tuples(st.just(1), lengths),
-                            st.tuples(st.just(2), st.integers(0, 0xFFFF)), st.tuples(st.just(3), st.integers(0, 0xFFFF)))
+                            st.tuples(st.just(2), st.integers(0, 0xFFFF)),
+                            st.tuples(st.just(3), st.integers(0, 0xFFFF)))
     corrupt = st.lists(st.tuples(st.integers(0, 5), field_value).map(lambda t: (t[0], *t[1])),
                        max_size=2).map(tuple)
     return _payloads(kind).flatmap(lambda qb: st.builds(
@@ -519,7 +527,8 @@ class Rig:
             for i, field, value in op.corrupt:
                 _corrupt(raw, i, field, value)
             table = POOL[0] + 0x100 - 16 * min(len(raw), 16)
-            self._write(table, b"".join(_DESC.pack(a, n & 0xFFFF_FFFF, f & 0xFFFF, x & 0xFFFF) for a, n, f, x in raw[:16]))
+            self._write(table, b"".join(_DESC.pack(a, n & 0xFFFF_FFFF, f & 0xFFFF, x & 0xFFFF)
+                                        for a, n, f, x in raw[:16]))
             entries = [[table, 16 * min(len(raw), 16), VIRTQ_DESC_F_INDIRECT, 0]]
         else:
             entries = raw

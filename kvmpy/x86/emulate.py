@@ -34,7 +34,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 from ..errors import GuestMemoryError, KvmError, PageFault
 from ..memory import MAX_PHYS_BITS, Access, GuestMemory, PfError
-from .arch import ERROR_CODE_VECTORS, Cr0, CpuMode, Rflags, Vector, cpu_mode
+from .arch import ERROR_CODE_VECTORS, CpuMode, Cr0, Rflags, Vector, cpu_mode
 from .decode import Fault, Instruction
 
 PF_VECTOR = Vector.PF
@@ -84,12 +84,12 @@ class _RegBlock:
 
     def write(self, uc: unicorn.Uc, values: list[int]) -> None:
         self.vals[:] = values
-        status = uclib.uc_reg_write_batch(uc._uch, self.ids, self.ptrs, self.n)
+        status = uclib.uc_reg_write_batch(uc._uch, self.ids, self.ptrs, self.n)  # noqa: SLF001 (unicorn has no public raw handle; the batch call needs it)
         if status != unicorn.UC_ERR_OK:
             raise unicorn.UcError(status)
 
     def read(self, uc: unicorn.Uc) -> list[int]:
-        status = uclib.uc_reg_read_batch(uc._uch, self.ids, self.ptrs, self.n)
+        status = uclib.uc_reg_read_batch(uc._uch, self.ids, self.ptrs, self.n)  # noqa: SLF001 (as above)
         if status != unicorn.UC_ERR_OK:
             raise unicorn.UcError(status)
         return list(self.vals)

@@ -29,7 +29,8 @@ PRINT = """
 """
 KERNELS = {
     "poweroff": PRINT + "cli\nhlt\njmp 2b\nmsg: .asciz \"reboot: Power down\\n\"",
-    "panic": PRINT + "mov $0x64, %dx\nmov $0xfe, %al\nout %al, %dx\nmsg: .asciz \"Kernel panic - not syncing: test\\n\"",
+    "panic": PRINT + "mov $0x64, %dx\nmov $0xfe, %al\nout %al, %dx\n"
+                     "msg: .asciz \"Kernel panic - not syncing: test\\n\"",
     "i8042": "mov $0xfe, %al\nout %al, $0x64\nhlt",
     "triple_fault": "lidt idt(%rip)\nud2\nidt: .word 0\n.quad 0",
     "spin": "jmp .",

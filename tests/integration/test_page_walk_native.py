@@ -226,7 +226,8 @@ level_flags = st.sampled_from([P | RW | US] * 4 + [P | RW, P | US, P, RW | US, 0
 @settings(max_examples=60, deadline=None, derandomize=bool(os.environ.get("CI")),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pdpte=level_flags, pde=level_flags, pte=level_flags, xd=st.tuples(st.booleans(), st.booleans()),
-       rsvd=st.sampled_from([None, None, None, 51, 62]), user=st.booleans(),  # the leaf is a 4 KiB PTE: bit 13 is an address bit there
+       # the leaf is a 4 KiB PTE: bit 13 would be an address bit there, not a reserved one
+       rsvd=st.sampled_from([None, None, None, 51, 62]), user=st.booleans(),
        access=st.sampled_from(["read", "write", "fetch"]), wp=st.booleans(), smap=st.booleans(),
        smep=st.booleans(), nxe=st.booleans(), ac=st.booleans())
 def test_random_page_table_bits_give_the_cpus_page_fault(guest, kvm, pdpte, pde, pte, xd, rsvd, user, access,

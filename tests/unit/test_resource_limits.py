@@ -13,18 +13,26 @@ import socket
 import struct
 import time
 
+from test_virtio_net import FRAME, mem, net, wait_used  # noqa: F401 (fixtures)
+from test_virtio_net import HDR as NET_HDR
+from test_vsock import GUEST_CID, op_of, vsock  # noqa: F401 (fixture)
+from virtio_driver import Driver
 
 from kvmpy.devices.console_log import CONSOLE_LOG_MAX, ConsoleLog
 from kvmpy.devices.serial import RX_BACKLOG_SIZE, Serial16550
 from kvmpy.devices.virtio import blk as blk_mod
 from kvmpy.devices.virtio import vsock as vsock_mod
 from kvmpy.devices.virtio.mmio import MmioTransport
-from kvmpy.devices.virtio.vsock import (HDR, HOST_CID, MAX_CONNECTIONS, MAX_CONTROL_PACKETS, MAX_PAYLOAD,
-                                        MAX_PENDING_CLIENTS, Op)
+from kvmpy.devices.virtio.vsock import (
+    HDR,
+    HOST_CID,
+    MAX_CONNECTIONS,
+    MAX_CONTROL_PACKETS,
+    MAX_PAYLOAD,
+    MAX_PENDING_CLIENTS,
+    Op,
+)
 from kvmpy.memory import GuestMemory
-from test_virtio_net import FRAME, HDR as NET_HDR, mem, net, wait_used  # noqa: F401 (fixtures)
-from test_vsock import GUEST_CID, op_of, vsock  # noqa: F401 (fixture)
-from virtio_driver import Driver
 
 
 def _drain_tx(g) -> None:
@@ -127,7 +135,7 @@ def test_net_rx_holds_no_frames_in_the_vmm_the_tap_queue_pushes_back(net):
         pass  # the guest posts no buffers: the sender is pushed back
     assert 0 < sent < 100_000
     time.sleep(0.05)
-    assert not dev._rx_polling and dev.rx_packets == 0
+    assert not dev.rx_polling and dev.rx_packets == 0
     rx = drv.queues[0]
     got = []
     while len(got) < sent:

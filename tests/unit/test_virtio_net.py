@@ -12,12 +12,12 @@ import socket
 import struct
 
 import pytest
+from virtio_driver import Driver
 
 from kvmpy.devices.virtio.iothread import IoThread
 from kvmpy.devices.virtio.mmio import MmioTransport
-from kvmpy.devices.virtio.net import (NET_HDR_SIZE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, NetDevice, parse_mac)
+from kvmpy.devices.virtio.net import NET_HDR_SIZE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, NetDevice, parse_mac
 from kvmpy.memory import GuestMemory
-from virtio_driver import Driver
 
 HDR = bytes(NET_HDR_SIZE)
 FRAME = bytes.fromhex("ffffffffffff525400123456 0806".replace(" ", "")) + b"arp-ish payload"
@@ -92,7 +92,7 @@ def test_frames_wait_until_the_guest_posts_buffers(net, mem):
     host.send(HDR + FRAME[::-1])
     import time
     time.sleep(0.1)
-    assert not dev._rx_polling  # no buffers: the TAP is out of the poll set, not spinning
+    assert not dev.rx_polling  # no buffers: the TAP is out of the poll set, not spinning
     rx.add(in_lens=[2048])
     rx.add(in_lens=[2048])
     used = wait_used(rx, 2)

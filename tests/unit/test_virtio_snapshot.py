@@ -11,17 +11,24 @@ import json
 import socket
 
 import pytest
+from virtio_driver import Driver
 
 from kvmpy.devices.virtio.attach import device_from_snapshot, devices_from_snapshot
 from kvmpy.devices.virtio.blk import BlockDevice
-from kvmpy.devices.virtio.mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceStatus,
-                                       MmioTransport, Register, SnapshotRefused)
+from kvmpy.devices.virtio.mmio import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    DeviceStatus,
+    MmioTransport,
+    Register,
+    SnapshotRefused,
+)
 from kvmpy.devices.virtio.net import NetDevice
 from kvmpy.devices.virtio.queue import Virtqueue
 from kvmpy.devices.virtio.rng import EntropyDevice
 from kvmpy.devices.virtio.vsock import VsockDevice
 from kvmpy.memory import GuestMemory
-from virtio_driver import Driver
 
 SIZE = 1 << 20
 FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC
@@ -47,13 +54,14 @@ def test_queue_state_round_trips(mem):
     q = Virtqueue(mem, 256, 1)
     q.size, q.desc_table, q.avail_ring, q.used_ring = 64, 0x1000, 0x2000, 0x3000
     q.ready, q.event_idx, q.indirect = True, True, True
-    q.last_avail_idx, q.next_used_idx, q._signalled_used = 0xFFFE, 0xFFFD, 0xFFFC
+    q.last_avail_idx, q.next_used_idx = 0xFFFE, 0xFFFD
     q.max_chain_bytes = 12345
+    q.restore_state({**q.snapshot_state(), "signalled_used": 0xFFFC})  # as a device that interrupted at 0xFFFC
     state = through_json(q.snapshot_state())
     r = Virtqueue(mem, 256, 1)
     r.restore_state(state)
     assert r.snapshot_state() == q.snapshot_state()
-    assert (r.last_avail_idx, r.next_used_idx, r._signalled_used) == (0xFFFE, 0xFFFD, 0xFFFC)
+    assert (r.last_avail_idx, r.next_used_idx, r.signalled_used) == (0xFFFE, 0xFFFD, 0xFFFC)
 
 
 def test_restoring_a_ready_queue_checks_its_rings(mem):

@@ -30,8 +30,14 @@ import select
 import struct
 from typing import TYPE_CHECKING, Any
 
-from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
-                   VirtioDevice)
+from .mmio import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    DeviceId,
+    SnapshotRefused,
+    VirtioDevice,
+)
 
 if TYPE_CHECKING:
     from .iothread import IoThread
@@ -100,6 +106,11 @@ class NetDevice(VirtioDevice):
         self.rx_bytes = self.tx_bytes = 0
         self.tx_errors = 0
         self.rx_short = 0  # receive buffers too small for the header
+
+    @property
+    def rx_polling(self) -> bool:
+        """True while the I/O thread polls the TAP for frames (the guest has receive buffers posted)."""
+        return self._rx_polling
 
     def config_space(self) -> bytes:
         # struct virtio_net_config: mac, status, max_virtqueue_pairs (5.1.4).

@@ -154,6 +154,11 @@ class Virtqueue:
     _STATE = ("size", "ready", "desc_table", "avail_ring", "used_ring", "last_avail_idx", "next_used_idx",
               "indirect", "event_idx", "max_chain_bytes")
 
+    @property
+    def signalled_used(self) -> int:
+        """With VIRTIO_F_EVENT_IDX: the used index the device last interrupted the driver for."""
+        return self._signalled_used
+
     def snapshot_state(self) -> dict:
         """The driver-programmed registers and the device's ring positions (JSON-able)."""
         s = {name: getattr(self, name) for name in self._STATE}
