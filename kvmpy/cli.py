@@ -21,7 +21,7 @@ from typing import Sequence
 from .errors import BootError, KvmError
 from .machine import DEFAULT_CMDLINE, Machine, MachineConfig, Outcome
 from .platform import detect_backend, resolve_quirks
-from . import kut
+from . import jail, kut
 from .stats import stat_cli
 
 ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU)
@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's urandom")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
     run.add_argument("--quiet", action="store_true", help="no kvmpy messages on stderr")
+    jail.add_arguments(run)
 
     sub.add_parser("build-guest", help="build the micro-VM kernel and busybox initramfs (cached)")
     sub.add_parser("info", help="show the KVM backend, quirks and key capabilities")
@@ -89,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --jail runs this command again, confined
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -140,6 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         built_kernel, built_initrd = default_guest(progress=not args.quiet)
         kernel = built_kernel
         initrd = initrd or built_initrd
+    if args.jail:
+        return jail.run_jailed(args, args.argv, kernel, initrd)
     cmdline = " ".join(w for w in (args.cmdline, args.append) if w)
     devices = _devices(args)
     modules = [(Path(m.partition(",")[0]), m.partition(",")[2]) for m in args.module]
@@ -157,6 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"kvmpy: {kernel.name}, {args.mem} RAM, {args.cpus} vCPU(s), "
               f"{machine.quirks.describe()}; Ctrl-A x quits", file=sys.stderr)
     with machine, _Console(machine) as console:
+        jail.lock_down(machine)  # inside a jail: drop the uid, install seccomp; else nothing
         machine.start()
         outcome = _wait(machine, args.timeout, console)
     if not args.quiet:

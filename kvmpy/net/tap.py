@@ -113,6 +113,7 @@ class Tap:
         if len(self.name.encode()) >= IFNAMSIZ:
             raise TapError(errno.EINVAL, f"TAP name {self.name!r} is longer than 15 bytes")
         self.persist = persist
+        self.delete_on_close = True  # False: leave a non-persistent TAP to the kernel (kvmpy/jail.py)
         self.fd = -1
         try:
             self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -164,6 +165,8 @@ class Tap:
         """Delete the interface and close the fd."""
         if self.fd >= 0:
             try:
+                if not self.delete_on_close and not self.persist:
+                    return  # closing the fd deletes it; netlink would need CAP_NET_ADMIN
                 with IPRoute() as ipr:
                     for index in ipr.link_lookup(ifname=self.name):
                         ipr.link("del", index=index)
