@@ -58,12 +58,13 @@ def main(argv: list[str]) -> int:
     result: dict[str, str] = {}
     old = threading.Thread(target=lambda: (go.wait(), result.setdefault("old", _attempt(action))), daemon=True)
     old.start()  # a thread from before the filter: TSYNC must cover it too
+    hostname = socket.gethostname()  # uname(2) is not on the VMM's list
     jail.lock_down()
     after: dict[str, int] = {}
     t = threading.Thread(target=lambda: after.setdefault("api", kvm.get_api_version()))
     t.start()
     t.join()
-    info = {"uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid(), "hostname": socket.gethostname(),
+    info = {"uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid(), "hostname": hostname,
             "api_from_new_thread": after.get("api"), "vcpu": vcpu.id, "root": sorted(os.listdir("/"))}
     print(json.dumps(info), flush=True)
     sys.stdin.readline()

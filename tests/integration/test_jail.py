@@ -34,6 +34,8 @@ def _probe(action: str, *extra: str, config: JailConfig = JailConfig(), binds=()
 
 def _report(jp: JailedProcess) -> dict:
     line = jp.proc.stdout.readline()
+    if not line:
+        jp.wait(30)  # raises SeccompViolation if the filter killed the probe
     assert line, jp.proc.stderr.read().decode()
     return json.loads(line)
 

@@ -35,6 +35,7 @@ def test_dangerous_calls_are_not_in_the_allow_list():
 FILTER_PROBE = r"""
 import errno, fcntl, json, os, socket, struct, sys, termios, threading
 from kvmpy import jail
+r, w = os.pipe()
 jail.install_seccomp(jail.SeccompAction.ERRNO)
 def attempt(fn):
     try:
@@ -46,7 +47,6 @@ def thread():
     t = threading.Thread(target=lambda: None)
     t.start()
     t.join()
-r, w = os.pipe()
 out = {
     "socket AF_UNIX": attempt(lambda: socket.socket(socket.AF_UNIX).close()),
     "socket AF_INET": attempt(lambda: socket.socket(socket.AF_INET).close()),
@@ -57,6 +57,7 @@ out = {
     "ioctl FIONREAD": attempt(lambda: fcntl.ioctl(r, termios.FIONREAD, b"    ")),
     "ioctl SIOCGIFCONF": attempt(lambda: fcntl.ioctl(r, 0x8912, b"\0" * 16)),
     "kill": attempt(lambda: os.kill(os.getpid(), 0)),
+    "pipe": attempt(os.pipe),
 }
 sys.stdout.write(json.dumps(out))
 """
@@ -74,7 +75,7 @@ def test_the_filter_allows_threads_unix_sockets_and_kvm_style_ioctls_only():
         "socket AF_UNIX": "allowed", "socket AF_INET": "EPERM", "socket AF_NETLINK": "EPERM",
         "thread": "allowed",  # clone3 answers ENOSYS, glibc falls back to clone with CLONE_THREAD
         "fork": "EPERM", "execve": "EPERM", "ioctl FIONREAD": "allowed", "ioctl SIOCGIFCONF": "EPERM",
-        "kill": "EPERM"}
+        "kill": "EPERM", "pipe": "EPERM"}
 
 
 def test_kill_mode_kills_the_process_with_sigsys():
