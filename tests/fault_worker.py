@@ -137,6 +137,138 @@ def net(tap_name: str, host_address: str, port: int, uds: str, control_dir: str)
                 os.write(1, f"sent {n}\n".encode())
 
 
+# -- the killing side (tests/integration/test_faults.py, scripts/faults.py) ----------------------
+
+WORKER = Path(__file__).resolve()
+
+
+def spawn(*args: str):
+    import subprocess
+
+    return subprocess.Popen([sys.executable, str(WORKER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def lines_until_killed(proc, delay: float) -> list[str]:
+    """Read the worker's lines for `delay` seconds, SIGKILL it, and return every line it printed."""
+    import select
+    import signal
+
+    out = b""
+    deadline = time.monotonic() + delay
+    while time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 0.05)[0]:
+            out += os.read(proc.stdout.fileno(), 65536)
+    if proc.poll() is not None:
+        raise RuntimeError(f"the worker died by itself: {proc.stderr.read().decode()}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out += proc.stdout.read()
+    return out.decode().splitlines()
+
+
+def expected_after(seed: int, flushed: int) -> dict[int, int]:
+    """sector -> the last round <= `flushed` that wrote it."""
+    last: dict[int, int] = {}
+    for r, writes in rounds(seed):
+        if r > flushed:
+            return last
+        for first, count in writes:
+            for s in range(first, first + count):
+                last[s] = r
+    return last
+
+
+def round_on_disk(data: bytes, sector: int) -> int:
+    """Which round's data `sector` holds (0: never written); -1 if it is no round's (torn, misplaced)."""
+    if data == bytes(SECTOR):
+        return 0
+    r, s = struct.unpack("<II", data[:8])
+    return r if s == sector and data == sector_data(r, sector) else -1
+
+
+def blk_kill_trial(image: Path, seed: int, delay: float) -> tuple[int, list[str]]:
+    """Zero `image`, run the blk worker, SIGKILL it after `delay` s; (rounds flushed, problems found)."""
+    image.write_bytes(bytes(SECTORS * SECTOR))
+    lines = lines_until_killed(spawn("blk", str(image), str(seed)), delay)
+    flushed = max((int(line.split()[1]) for line in lines if line.startswith("flushed ")), default=0)
+    expected = expected_after(seed, flushed)
+    data = image.read_bytes()
+    problems = []
+    for sector in range(SECTORS):
+        got = round_on_disk(data[sector * SECTOR:(sector + 1) * SECTOR], sector)
+        # a later round may have landed (written, not yet flushed); an earlier one is a lost write
+        if got < expected.get(sector, 0):
+            problems.append(f"sector {sector}: round {got} on disk, round {expected.get(sector)} was flushed")
+    return flushed, problems
+
+
+def net_kill_trials(kills: int, rng: random.Random, tmp: Path) -> dict:
+    """Start the net worker, let it send for a random while, SIGKILL it; `kills` times, then start it once more.
+
+    Each start must succeed with the same TAP name, vsock socket path and
+    control directory: a TAP, socket or lock left by the killed one would
+    be in its way. After each kill: the TAP is gone within 5 s, and the
+    dead worker's control socket is neither listed nor left on disk.
+    """
+    import select
+    import signal
+
+    from kvmpy.net.tap import link_exists
+    from kvmpy.stats.control import list_sockets, query
+
+    tap = f"kvmpyf{os.getpid() % 100000}"
+    host = f"172.31.{200 + os.getpid() % 50}.1/24"
+    uds = str(tmp / "vsock.sock")
+    control_dir = tmp / "control"
+    control_dir.mkdir(mode=0o700, exist_ok=True)
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("0.0.0.0", 0))
+    receiver.setblocking(False)
+    port = receiver.getsockname()[1]
+    stats = {"kills": 0, "starts": 0, "datagrams": 0, "problems": []}
+    try:
+        for kill in range(kills + 1):
+            proc = spawn("net", tap, host, str(port), uds, str(control_dir))
+            ready = proc.stdout.readline().decode()
+            if not ready.startswith("ready "):
+                stats["problems"].append(f"start {kill}: {proc.stderr.read().decode().strip()[-300:]}")
+                proc.kill()
+                proc.wait()
+                break
+            stats["starts"] += 1
+            if query(ready.split()[1]).get("fault-worker") is not True or not link_exists(tap):
+                stats["problems"].append(f"start {kill}: no control socket answer or no TAP")
+            if kill == kills:  # the last start only proves the previous kill left nothing in its way
+                proc.kill()
+                proc.wait()
+                break
+            before = stats["datagrams"]
+            deadline = time.monotonic() + rng.uniform(0.3, 1.2)
+            while time.monotonic() < deadline:
+                select.select([receiver], [], [], 0.05)
+                try:
+                    while True:
+                        if receiver.recv(2048).startswith(b"seq "):
+                            stats["datagrams"] += 1
+                except BlockingIOError:
+                    pass
+            if stats["datagrams"] == before:
+                stats["problems"].append(f"kill {kill}: no datagram reached the host over the TAP")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            stats["kills"] += 1
+            deadline = time.monotonic() + 5  # the kernel deletes a TAP when its last fd closes
+            while link_exists(tap) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if link_exists(tap):
+                stats["problems"].append(f"kill {kill}: TAP {tap} outlived the killed VMM")
+            if list_sockets(control_dir) != [] or os.listdir(control_dir) != []:
+                stats["problems"].append(f"kill {kill}: the dead VMM's control socket is still there")
+    finally:
+        receiver.close()
+    return stats
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "blk":
         blk(sys.argv[2], int(sys.argv[3]))
