@@ -358,7 +358,9 @@ class JailedProcess:
         self.proc: subprocess.Popen | None = None
         self._status: int | None = None
         self.cgroup = Cgroup(0)
+        self.stale_removed = cleanup_stale_jails(Path(config.base))
         self.root.mkdir(parents=True, mode=0o700)
+        (self.dir / "launcher.pid").write_text(str(os.getpid()))
         self.runtime_dir.mkdir(mode=0o700)
         os.chown(self.runtime_dir, config.uid, config.gid)
         try:
@@ -444,6 +446,42 @@ class JailedProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cgroup_dirs(jail_id: str, root: Path = CGROUP_ROOT) -> list[Path]:
+    return [d for d in (*root.glob(f"kvmpy-{jail_id}"), *root.glob(f"*/kvmpy-{jail_id}")) if d.is_dir()]
+
+
+def cleanup_stale_jails(base: Path = DEFAULT_BASE, root: Path = CGROUP_ROOT) -> list[str]:
+    """Remove the directories and cgroups of jails whose launcher was killed; returns their ids.
+
+    A jail is stale when its launcher (launcher.pid) is dead and its cgroups
+    hold no process: the VMM dies with the launcher (PR_SET_PDEATHSIG).
+    """
+    removed = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        try:
+            launcher = int((d / "launcher.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(launcher, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        cgroups = _cgroup_dirs(d.name, root)
+        if any((c / "cgroup.procs").read_text().strip() for c in cgroups):
+            continue  # a VMM still runs in it
+        Cgroup(1, cgroups).remove()
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    return removed
 
 
 def seccomp_victim_syscall(pid: int | None, wait: float = 1.0) -> str | None:

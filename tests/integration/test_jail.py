@@ -149,3 +149,42 @@ def test_cgroup_limits_are_applied_and_the_cgroup_removed_after():
         jp.wait(30)
     assert dirs and not any(d.exists() for d in dirs)
     assert not jp.dir.exists()
+
+
+def test_a_killed_launcher_takes_its_vmm_along_and_the_next_start_removes_its_jail():
+    """SIGKILL the launcher: the VMM dies with it (PDEATHSIG); its cgroup and directory go at the next start."""
+    import signal
+    import sys
+    import textwrap
+    import time
+
+    code = textwrap.dedent(f"""
+        import os, subprocess, sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from kvmpy.jail import JailConfig, JailedProcess
+        env = dict(os.environ, PYTHONPATH={str(TESTS)!r} + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        jp = JailedProcess(JailConfig(), "jail_probe:main", ["none"], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE)
+        jp.proc.stdout.readline()
+        print(jp.id, jp.pid, flush=True)
+        jp.proc.wait()
+    """)
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    jail_id, vmm = launcher.stdout.readline().split()
+    vmm_pid = int(vmm)
+    assert Path(f"/proc/{vmm_pid}").exists()
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{vmm_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{vmm_pid}").exists(), "the jailed VMM outlived its launcher"
+    stale = Path("/run/kvmpy-jail") / jail_id.decode()
+    assert stale.exists()  # nobody was left to clean it...
+    with _probe("none") as jp:  # ...until the next jail starts
+        _report(jp)
+        assert jail_id.decode() in jp.stale_removed
+        assert not stale.exists()
+        assert not list(Path("/sys/fs/cgroup").glob(f"*/kvmpy-{jail_id.decode()}"))
+        _go(jp)
+        jp.wait(30)
