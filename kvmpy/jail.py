@@ -13,7 +13,7 @@ Layers, in the order they are put on (docs/jail.md):
    /dev/vhost-vsock, /dev/urandom when configured), bind mounts of the
    images (read-only where read-only) and its control-socket directory, and
    pivot_roots into it; the old root is detached.
-4. rlimits: RLIMIT_NOFILE, RLIMIT_CORE (0), RLIMIT_NPROC... set before the VMM builds its machine.
+4. rlimits: RLIMIT_NOFILE, RLIMIT_CORE 0, RLIMIT_MEMLOCK 0, set before the VMM builds its machine.
 5. privileges: once the machine is built (images, /dev/kvm, TAPs opened as
    root), the VMM drops to an unprivileged uid/gid with no supplementary
    groups; every capability goes with the uid change.
@@ -702,19 +702,12 @@ def add_arguments(run: Any) -> None:
     run.add_argument("--jail", action="store_true",
                      help="confine the VMM as Firecracker's jailer does: namespaces, a private root, cgroup "
                           "limits, an unprivileged uid and a seccomp filter (needs root; docs/jail.md)")
-    run.add_argument("--jail-uid", type=int, default=65534, help="uid/gid the jailed VMM runs as "
-                     "(default: %(default)s)")
-    run.add_argument("--jail-gid", type=int, default=65534, help=argparse_suppress())
+    run.add_argument("--jail-uid", type=int, default=65534, help="uid the jailed VMM runs as (default: %(default)s)")
+    run.add_argument("--jail-gid", type=int, default=65534, help="gid the jailed VMM runs as (default: %(default)s)")
     run.add_argument("--jail-mem", help="the jail cgroup's memory limit, e.g. 512M (default: guest RAM + 256M)")
     run.add_argument("--jail-pids", type=int, default=64, help="the jail cgroup's pids limit (default: %(default)s)")
     run.add_argument("--jail-seccomp", choices=[a.value for a in SeccompAction], default="kill",
                      help="what an unlisted system call gets (default: %(default)s, as Firecracker)")
-
-
-def argparse_suppress() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def _strip_jail_options(argv: Sequence[str]) -> list[str]:
@@ -782,19 +775,18 @@ def vmm_argv(argv: Sequence[str], args: Any, kernel: Path, initrd: Path | None) 
         out += ["--kernel", str(Path(kernel).resolve())]
     if args.initrd is None and initrd is not None:
         out += ["--initrd", str(Path(initrd).resolve())]
-    # relative image paths would not resolve from the jail's "/"
-    resolved = []
-    for a in out:
-        resolved.append(a)
+    # relative image paths would not resolve from the jail's "/": each image argument, resolved
+    resolved: dict[str, str] = {}
     for d in args.disk:
         path, ro = parse_disk_arg(d)
-        full = str(Path(path).resolve()) + (",ro" if ro else "")
-        resolved = [full if a == d else a for a in resolved]
-    for name in ("kernel", "initrd"):
-        value = getattr(args, name)
+        resolved[d] = str(Path(path).resolve()) + (",ro" if ro else "")
+    for m in args.module:
+        path, comma, string = m.partition(",")
+        resolved[m] = str(Path(path).resolve()) + comma + string
+    for value in (args.kernel, args.initrd):
         if value is not None:
-            resolved = [str(Path(value).resolve()) if a == str(value) else a for a in resolved]
-    return resolved
+            resolved[str(value)] = str(Path(value).resolve())
+    return [resolved.get(a, a) for a in out]
 
 
 def run_jailed(args: Any, argv: Sequence[str], kernel: Path, initrd: Path | None) -> int:
