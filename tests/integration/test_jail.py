@@ -107,6 +107,20 @@ def test_the_network_namespace_is_the_hosts_when_a_tap_is_wanted():
         jp.wait(30)
 
 
+def test_a_tap_made_before_the_drop_is_closed_and_gone_after_it():
+    from kvmpy.net.tap import link_exists
+
+    name = f"kvmpyj{os.getpid() % 100000}"
+    with _probe(f"tap={name}", config=JailConfig(new_net=False, devices=("kvm", "net/tun"))) as jp:
+        _report(jp)
+        assert link_exists(name)
+        _go(jp)
+        assert json.loads(jp.proc.stdout.readline()) == {"action": "close-tap", "outcome": "allowed"}
+        assert not link_exists(name)  # while the jailed process still runs
+        _go(jp)
+        assert jp.wait(30) == 0
+
+
 def test_the_root_holds_only_the_listed_devices_and_binds(tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(b"\0" * 4096)
