@@ -161,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"kvmpy: {kernel.name}, {args.mem} RAM, {args.cpus} vCPU(s), "
               f"{machine.quirks.describe()}; Ctrl-A x quits", file=sys.stderr)
     with machine, _Console(machine) as console:
-        jail.lock_down(machine)  # inside a jail: drop the uid, install seccomp; else nothing
+        jail.lock_down()  # inside a jail: drop the uid, install seccomp; else nothing
         machine.start()
         outcome = _wait(machine, args.timeout, console)
     if not args.quiet:

@@ -561,9 +561,9 @@ def _jailed_main(spec: JailSpec, entry: str, argv: list[str]) -> None:
     module = importlib.import_module(module_name)
     func = getattr(module, func_name)
     _preimport()
-    from .net import tap
+    from .net.tap import leave_taps_to_kernel
 
-    tap._cleanup_done = True  # host pids are invisible here: every TAP would look stale
+    leave_taps_to_kernel()  # no sweep (host pids are invisible here), no netlink delete after the drop
     socket.sethostname(HOSTNAME)
     os.close(spec.status_fd)
     _build_root(spec)
@@ -633,21 +633,18 @@ def _set_rlimits(spec: JailSpec) -> None:
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
 
 
-def lock_down(machine: Any = None) -> None:
+def lock_down() -> None:
     """Inside a jail: drop to the jail uid/gid and install the seccomp filter. No-op elsewhere.
 
     Call it once everything is opened (the VMM: after building the machine,
-    before starting its vCPUs). TAPs of `machine` are then left to the
-    kernel, which deletes a non-persistent TAP when its fd closes: deleting
-    it over netlink would need the privileges just dropped.
+    before starting its vCPUs). TAPs are left to the kernel, which deletes a
+    non-persistent TAP when its fd closes (kvmpy.net.tap.leave_taps_to_kernel,
+    called when the jail was entered): deleting it over netlink would need
+    the privileges dropped here.
     """
     global _locked
     if _spec is None or _locked:
         return
-    for device in getattr(getattr(machine, "config", None), "devices", None) or ():
-        tap = getattr(device, "owner", None)
-        if tap is not None and hasattr(tap, "delete_on_close") and not getattr(tap, "persist", False):
-            tap.delete_on_close = False
     os.setgroups([])
     os.setresgid(_spec.gid, _spec.gid, _spec.gid)
     os.setresuid(_spec.uid, _spec.uid, _spec.uid)

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
 
         tap = Tap(action[4:])
         machine = SimpleNamespace(config=SimpleNamespace(devices=[NetDevice(tap.fd, owner=tap)]))
-    jail.lock_down(machine)
+    jail.lock_down()
     after: dict[str, int] = {}
     t = threading.Thread(target=lambda: after.setdefault("api", kvm.get_api_version()))
     t.start()

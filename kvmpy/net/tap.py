@@ -91,6 +91,17 @@ def cleanup_stale_taps() -> list[str]:
     return removed
 
 
+_left_to_kernel = False
+
+
+def leave_taps_to_kernel() -> None:
+    """For a VMM that has dropped its privileges (kvmpy/jail.py): from now on `close()` of a
+    non-persistent TAP only closes its fd, and the kernel deletes the interface; no stale-TAP sweep
+    either (inside a pid namespace every host pid looks dead)."""
+    global _left_to_kernel, _cleanup_done
+    _left_to_kernel = _cleanup_done = True
+
+
 def _cleanup_once() -> None:
     global _cleanup_done
     with _cleanup_lock:
@@ -113,7 +124,6 @@ class Tap:
         if len(self.name.encode()) >= IFNAMSIZ:
             raise TapError(errno.EINVAL, f"TAP name {self.name!r} is longer than 15 bytes")
         self.persist = persist
-        self.delete_on_close = True  # False: leave a non-persistent TAP to the kernel (kvmpy/jail.py)
         self.fd = -1
         try:
             self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -165,7 +175,7 @@ class Tap:
         """Delete the interface and close the fd."""
         if self.fd >= 0:
             try:
-                if not self.delete_on_close and not self.persist:
+                if _left_to_kernel and not self.persist:
                     return  # closing the fd deletes it; netlink would need CAP_NET_ADMIN
                 with IPRoute() as ipr:
                     for index in ipr.link_lookup(ifname=self.name):
