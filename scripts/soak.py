@@ -60,8 +60,17 @@ def device_cycle(image: str, use_tap: bool) -> None:
         if not use_tap:
             return
         io = IoThread()
-        tap = Tap()
-        net = NetDevice(tap.fd, "52:54:00:50:0a:0c", owner=tap)
+        try:
+            tap = Tap()
+        except BaseException:
+            io.close()
+            raise
+        try:
+            net = NetDevice(tap.fd, "52:54:00:50:0a:0c", owner=tap)
+        except BaseException:
+            tap.close()
+            io.close()
+            raise
         try:
             drv = Driver(MmioTransport(net, mem), mem)
             net.start_io(io)
@@ -93,16 +102,29 @@ def soak(seconds: float, workers: int, device_threads: int) -> dict:
         lock = threading.Lock()
 
         def devices() -> None:
-            while not stop.is_set():
+            failures = 0
+            while not stop.is_set() and failures < 20:  # a persistent failure ends the thread, reported
                 try:
                     device_cycle(image, use_tap)
                     with lock:
                         counts["device_cycles"] += 1
                 except Exception as e:  # noqa: BLE001 - counted and reported
+                    failures += 1
                     with lock:
-                        counts["errors"].append(f"{type(e).__name__}: {e}")
+                        counts["errors"].append(f"device cycle: {type(e).__name__}: {e}")
+
+        peak_fds = [before.fds]
+
+        def sample_fds() -> None:  # a leak that kills the run must still show in its figures
+            while not stop.wait(1.0):
+                try:
+                    n = len(os.listdir("/proc/self/fd"))
+                except OSError:
+                    continue
+                peak_fds[0] = max(peak_fds[0], n)
 
         side = [threading.Thread(target=devices, name=f"soak-devices{i}") for i in range(device_threads)]
+        side.append(threading.Thread(target=sample_fds, name="soak-fds"))
         for t in side:
             t.start()
         t0 = time.monotonic()
@@ -124,8 +146,13 @@ def soak(seconds: float, workers: int, device_threads: int) -> dict:
                 t.join()
         elapsed = time.monotonic() - t0
         after = ResourceSnapshot.take()
-    return {"seconds": round(elapsed, 1), "workers": workers, "peak_concurrent_vms": peak,
-            "tap": use_tap, "leaks": after.leaks_since(before), "before": before, "after": after, **counts}
+    # the host's interfaces are shared with every other process: only TAPs named for this one are ours
+    leaks = [x for x in after.leaks_since(before) if not x.startswith("network interfaces")]
+    ours = sorted(i for i in after.interfaces - before.interfaces if i.startswith(f"kvmpy{os.getpid()}-"))
+    if ours:
+        leaks.append(f"TAPs left behind: {ours}")
+    return {"seconds": round(elapsed, 1), "workers": workers, "peak_concurrent_vms": peak, "peak_fds": peak_fds[0],
+            "tap": use_tap, "leaks": leaks, "before": before, "after": after, **counts}
 
 
 def main() -> int:
@@ -140,7 +167,7 @@ def main() -> int:
           f"(peak {r['peak_concurrent_vms']} at once), {r['device_cycles']} device cycles "
           f"({'TAP + virtio-net + virtio-blk' if r['tap'] else 'virtio-blk only: no TAP access'}); "
           f"fds {b.fds}->{a.fds}, threads {b.threads}->{a.threads}, kvm_run maps {b.vcpu_pages}->{a.vcpu_pages}, "
-          f"RSS {b.rss >> 20}->{a.rss >> 20} MiB, interfaces {len(b.interfaces)}->{len(a.interfaces)}; "
+          f"RSS {b.rss >> 20}->{a.rss >> 20} MiB, peak fds {r['peak_fds']}; "
           f"errors {len(r['errors'])}; leaks: {r['leaks'] or 'none'}")
     for e in r["errors"][:10]:
         print(f"  error: {e}")
