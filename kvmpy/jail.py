@@ -364,8 +364,7 @@ class JailedProcess:
         self.runtime_dir.mkdir(mode=0o700)
         os.chown(self.runtime_dir, config.uid, config.gid)
         try:
-            memory_max = config.memory_max
-            self.cgroup = Cgroup.create(self.id, memory_max, config.pids_max)
+            self.cgroup = Cgroup.create(self.id, config.memory_max, config.pids_max)
             if self.cgroup.warning:
                 print(f"kvmpy: warning: {self.cgroup.warning}", file=sys.stderr)
             r, w = os.pipe()
