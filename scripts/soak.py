@@ -11,7 +11,9 @@ with its I/O thread (one frame sent through the TX queue), a virtio-blk
 device on a raw image (a write and a FLUSH). Resources (ResourceSnapshot:
 fds, threads, kvm_run mappings, address space, RSS, host interfaces) are
 taken after a warm-up and at the end; any growth is a leak and the exit
-status is 1. Prints one summary line; `make soak` runs the 10-minute one,
+status is 1, except RSS, which may grow by 128 MiB overall (50 threads'
+malloc arenas reach a high-water mark early) but by at most 24 MiB in the
+second half of the run (a leak keeps growing). Prints one summary line; `make soak` runs the 10-minute one,
 tests/integration/test_soak.py a 20-second one.
 """
 
@@ -32,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from kvmpy.pool import Pool, ResourceSnapshot  # noqa: E402
 from kvmpy.sandbox import GuestFunction  # noqa: E402
 
+RSS_SLACK = 128 << 20
+SECOND_HALF_SLACK = 24 << 20
 SQUARE = GuestFunction("long guest_main(long x) { return x * x; }")
 FAULT = GuestFunction("long guest_main(void) { return *(volatile long *)0x10; }")
 
@@ -114,17 +118,22 @@ def soak(seconds: float, workers: int, device_threads: int) -> dict:
                         counts["errors"].append(f"device cycle: {type(e).__name__}: {e}")
 
         peak_fds = [before.fds]
+        rss_samples: list[tuple[float, int]] = []
 
-        def sample_fds() -> None:  # a leak that kills the run must still show in its figures
+        def sample() -> None:  # a leak that kills the run must still show in its figures
+            import psutil
+
+            me = psutil.Process()
             while not stop.wait(1.0):
                 try:
                     n = len(os.listdir("/proc/self/fd"))
+                    rss_samples.append((time.monotonic(), me.memory_info().rss))
                 except OSError:
                     continue
                 peak_fds[0] = max(peak_fds[0], n)
 
         side = [threading.Thread(target=devices, name=f"soak-devices{i}") for i in range(device_threads)]
-        side.append(threading.Thread(target=sample_fds, name="soak-fds"))
+        side.append(threading.Thread(target=sample, name="soak-sampler"))
         for t in side:
             t.start()
         t0 = time.monotonic()
@@ -146,12 +155,21 @@ def soak(seconds: float, workers: int, device_threads: int) -> dict:
                 t.join()
         elapsed = time.monotonic() - t0
         after = ResourceSnapshot.take()
+    # RSS: 50 threads' malloc arenas reach a high-water mark in the first seconds (54 -> 95 MiB in
+    # 20 s, 56 -> 126 MiB in 600 s measured); a leak keeps growing. So the whole run may grow by
+    # RSS_SLACK, and its second half by no more than SECOND_HALF_SLACK.
+    leaks = [x for x in after.leaks_since(before, rss_slack=RSS_SLACK) if not x.startswith("network interfaces")]
+    half = [rss for t, rss in rss_samples if t >= t0 + elapsed / 2]
+    second_half = after.rss - half[0] if half else 0
+    if second_half > SECOND_HALF_SLACK:
+        leaks.append(f"RSS grew by {second_half >> 20} MiB in the second half of the run "
+                     f"(allowed {SECOND_HALF_SLACK >> 20} MiB)")
     # the host's interfaces are shared with every other process: only TAPs named for this one are ours
-    leaks = [x for x in after.leaks_since(before) if not x.startswith("network interfaces")]
     ours = sorted(i for i in after.interfaces - before.interfaces if i.startswith(f"kvmpy{os.getpid()}-"))
     if ours:
         leaks.append(f"TAPs left behind: {ours}")
     return {"seconds": round(elapsed, 1), "workers": workers, "peak_concurrent_vms": peak, "peak_fds": peak_fds[0],
+            "rss_second_half": second_half,
             "tap": use_tap, "leaks": leaks, "before": before, "after": after, **counts}
 
 
@@ -167,7 +185,8 @@ def main() -> int:
           f"(peak {r['peak_concurrent_vms']} at once), {r['device_cycles']} device cycles "
           f"({'TAP + virtio-net + virtio-blk' if r['tap'] else 'virtio-blk only: no TAP access'}); "
           f"fds {b.fds}->{a.fds}, threads {b.threads}->{a.threads}, kvm_run maps {b.vcpu_pages}->{a.vcpu_pages}, "
-          f"RSS {b.rss >> 20}->{a.rss >> 20} MiB, peak fds {r['peak_fds']}; "
+          f"RSS {b.rss >> 20}->{a.rss >> 20} MiB ({r['rss_second_half'] / 2**20:+.0f} MiB in the second half), "
+          f"peak fds {r['peak_fds']}; "
           f"errors {len(r['errors'])}; leaks: {r['leaks'] or 'none'}")
     for e in r["errors"][:10]:
         print(f"  error: {e}")
