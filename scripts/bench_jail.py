@@ -69,13 +69,16 @@ def main() -> int:
              f"| **jailed / plain** | **{ratio:.3f}** (pairs {min(ratios):.3f}-{max(ratios):.3f}) |\n")
     print(table)
     if args.update_docs:
+        import textwrap
+
         from perfdoc import update_section
 
-        section = (f"{HEADING}\n\nMeasured {datetime.date.today()} on this project's host, {args.repeat} "
-                   f"alternating pairs of fresh processes, {args.iterations} exits each: the same `pio` "
-                   "guest as scripts/bench_exits.py through `VcpuLoop`, with and without kvmpy.jail's "
-                   "seccomp filter (kill mode) loaded. Every exit is a KVM_RUN ioctl through the filter "
-                   "(its ioctl rule compares the request's type byte).\n\n" + table)
+        text = (f"Measured {datetime.date.today()} on this project's host, {args.repeat} alternating pairs "
+                f"of fresh processes, {args.iterations} exits each: the same `pio` guest as "
+                "scripts/bench_exits.py through `VcpuLoop`, with and without kvmpy.jail's seccomp filter "
+                "(kill mode) loaded. Every exit is a KVM_RUN ioctl through the filter (its ioctl rule "
+                "compares the request's type byte).")
+        section = f"{HEADING}\n\n{textwrap.fill(text, 76)}\n\n{table}"
         update_section(HEADING, section)
     return 0
 
