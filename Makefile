@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KVMPY  := $(VENV)/bin/kvmpy
 
-.PHONY: all deps venv guest run test test-unit lint fuzz bench clean
+.PHONY: all deps venv guest run test test-unit lint fuzz soak bench clean
 
 all: venv
 
@@ -52,6 +52,10 @@ fuzz: venv
 
 bench: venv
 	$(PY) scripts/bench_exits.py
+
+# 50 VMs created and destroyed concurrently for 10 minutes; fails on any leak (docs/reliability.md)
+soak: venv
+	$(PY) scripts/soak.py --seconds 600
 
 clean:
 	rm -rf $(VENV) build *.egg-info kvmpy/*.so kvmpy/_kvm.c kvmpy/boot/*.so kvmpy/boot/_bootparam.c

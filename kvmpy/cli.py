@@ -24,7 +24,7 @@ from .errors import KvmError
 from .machine import (DEFAULT_CMDLINE, ConfigError, DiskConfig, Machine, MachineConfig, ModuleConfig, NetConfig,
                       Outcome, VsockConfig, build)
 from .platform import detect_backend, resolve_quirks
-from . import kut
+from . import jail, kut
 from .stats import stat_cli
 from .lab import cli as lab_cli
 
@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(TAG defaults to the directory's name; repeatable)")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
     run.add_argument("--quiet", action="store_true", help="no kvmpy messages on stderr")
+    jail.add_arguments(run)
 
     sub.add_parser("build-guest", help="build the micro-VM kernel and busybox initramfs (cached)")
     sub.add_parser("info", help="show the KVM backend, quirks and key capabilities")
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --jail runs this command again, confined
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -168,11 +170,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.kernel is None:
         built_kernel, built_initrd = default_guest(progress=not args.quiet)
         config = dataclasses.replace(config, kernel=built_kernel, initrd=config.initrd or built_initrd)
+    if args.jail:  # the same command again, in a jail (kvmpy/jail.py), for this kernel and initrd
+        return jail.run_jailed(args, args.argv, config.kernel, config.initrd)
     machine = build(config, console=_console_writer())
     if not args.quiet:
         print(f"kvmpy: {Path(str(config.kernel)).name}, {args.mem} RAM, {config.vcpus} vCPU(s), "
               f"{machine.quirks.describe()}; Ctrl-A x quits", file=sys.stderr)
     with machine, _Console(machine) as console:
+        jail.lock_down()  # inside a jail: drop the uid, install seccomp; else nothing
         machine.start()
         outcome = _wait(machine, args.timeout, console)
     if not args.quiet:

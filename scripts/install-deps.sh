@@ -7,11 +7,14 @@
 # drives it in a real terminal), and a virtiofsd for virtio-fs shares (Debian 12
 # has QEMU's in qemu-system-common; bookworm's main archive has no Rust
 # 'virtiofsd' package). qemu-utils (qemu-img, qemu-io) and strace are the
-# independent references of the storage tests; kvmpy does not use them at run
-# time. Skips apt when everything is present.
+# independent references of the storage tests (strace also measures the jail's
+# allow-list: scripts/jail_syscalls.py); kvmpy does not use them at run time.
+# libseccomp2 is the jail's seccomp library (pyseccomp loads it). Skips apt when
+# everything is present.
 set -eu
 pkgs="python3 python3-venv python3-dev gcc linux-libc-dev make binutils linux-source busybox-static \
-flex bison bc libelf-dev libssl-dev cpio xz-utils e2fsprogs iproute2 tmux qemu-system-common qemu-utils strace"
+flex bison bc libelf-dev libssl-dev cpio xz-utils e2fsprogs iproute2 tmux qemu-system-common qemu-utils strace \
+libseccomp2"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -65,13 +65,16 @@ class TapError(KvmError, OSError):
 
 def generated_name() -> str:
     """A fresh `kvmpy<pid>-<n>` not in use on this host."""
+    prefix = f"kvmpy{os.getpid()}-"
+    # the counter wraps where the name would pass 15 bytes: names of closed TAPs are free again
+    # (found by scripts/soak.py: TAP number 10000 of a 5-digit pid failed every creation after it)
+    limit = 10 ** (IFNAMSIZ - 1 - len(prefix))
     with IPRoute() as ipr:
-        while True:
-            name = f"kvmpy{os.getpid()}-{next(_counter)}"
-            if len(name) >= IFNAMSIZ:
-                raise TapError(errno.ENAMETOOLONG, f"generated TAP name {name} is longer than 15 characters")
+        for _ in range(limit):
+            name = f"{prefix}{next(_counter) % limit}"
             if not ipr.link_lookup(ifname=name):
                 return name
+    raise TapError(errno.ENOSPC, f"all {limit} TAP names {prefix}N are in use by this process")
 
 
 
@@ -91,6 +94,17 @@ def cleanup_stale_taps() -> list[str]:
                 if e.code != errno.ENODEV:  # gone meanwhile: fine
                     raise TapError(e.code, f"TAP {name}: cannot delete stale interface: {e}") from e
     return removed
+
+
+_left_to_kernel = False
+
+
+def leave_taps_to_kernel() -> None:
+    """For a VMM that has dropped its privileges (kvmpy/jail.py): from now on `close()` of a
+    non-persistent TAP only closes its fd, and the kernel deletes the interface; no stale-TAP sweep
+    either (inside a pid namespace every host pid looks dead)."""
+    global _left_to_kernel, _cleanup_done
+    _left_to_kernel = _cleanup_done = True
 
 
 def _cleanup_once() -> None:
@@ -166,6 +180,8 @@ class Tap:
         """Delete the interface and close the fd."""
         if self.fd >= 0:
             try:
+                if _left_to_kernel and not self.persist:
+                    return  # closing the fd deletes it; netlink would need CAP_NET_ADMIN
                 with IPRoute() as ipr:
                     for index in ipr.link_lookup(ifname=self.name):
                         ipr.link("del", index=index)

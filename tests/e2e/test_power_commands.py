@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from kvmpy.boot.initramfs import INIT_MARKER
-from kvmpy.machine import Machine, MachineConfig, Status
+from kvmpy.machine import MachineConfig, Status, build
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm]
 
@@ -25,7 +25,7 @@ BOOT_TIMEOUT = 600  # seconds to the shell; ~60-90 s on an idle PVM host, minute
 ])
 def test_power_command_without_force_ends_the_vm(guest_artifacts, command, status, said):
     vmlinux, initrd = guest_artifacts
-    machine = Machine(MachineConfig(kernel=vmlinux, initrd=initrd, memory="128M", cpus=1))
+    machine = build(MachineConfig(kernel=vmlinux, initrd=initrd, memory="128M", vcpus=1))
     try:
         machine.start()
         con = machine.console

@@ -21,7 +21,7 @@ import pytest
 
 from kvmpy.boot.initramfs import INIT_MARKER
 from kvmpy.disk import make_ext4_image, populate_busybox_root, read_file_from_image
-from kvmpy.machine import DEFAULT_CMDLINE, Machine, MachineConfig
+from kvmpy.machine import DEFAULT_CMDLINE, MachineConfig, build
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm,
               pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-utils not installed")]
@@ -48,9 +48,9 @@ def test_guest_boots_from_a_qemu_img_qcow2_through_an_overlay(tmp_path):
     overlay = create_overlay(base, tmp_path / "vm.qcow2", keep=True)
     blk = BlockDevice(overlay)
     kernel = build_kernel(progress=False).vmlinux
-    config = MachineConfig(kernel=kernel, initrd=None, memory="256M", cpus=1, devices=[blk],
+    config = MachineConfig(kernel=kernel, initrd=None, memory="256M", vcpus=1,
                            cmdline=f"{DEFAULT_CMDLINE} root=/dev/vda rw rootfstype=ext4 init=/init")
-    machine = Machine(config)
+    machine = build(config, devices=[blk])
     try:
         machine.start()
         con = machine.console

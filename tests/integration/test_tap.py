@@ -115,3 +115,18 @@ def test_make_devices_creates_and_removes_the_tap():
     assert link_exists(name) and net.mac == bytes.fromhex("525400000009")
     net.close()
     assert not link_exists(name)
+
+
+def test_generated_names_wrap_instead_of_outgrowing_ifnamsiz(monkeypatch):
+    """scripts/soak.py found it: after 10,000 TAPs a 5-digit pid's next name was 16 bytes and every Tap() failed."""
+    import itertools
+
+    from kvmpy.net import tap as tap_module
+
+    prefix = f"kvmpy{os.getpid()}-"
+    limit = 10 ** (15 - len(prefix))
+    monkeypatch.setattr(tap_module, "_counter", itertools.count(limit - 1))
+    names = [tap_module.generated_name() for _ in range(2)]
+    assert names == [f"{prefix}{limit - 1}", f"{prefix}0"]
+    with Tap() as t:  # and a TAP is made with the wrapped name
+        assert len(t.name) <= 15 and t.name == f"{prefix}1"

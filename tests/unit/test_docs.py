@@ -10,8 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 
-# A checkout, home or scratch directory of one machine (a guest's `/root` directory alone is fine).
-MACHINE_PATH = re.compile(r"(?<![\w.~-])(/work/|/root/|/home/[^/\s`]+/|/Users/[^/\s`]+/|/tmp/pytest-)")
+# A checkout, home or scratch directory of one machine (a guest's `/root` directory alone is fine, and so
+# is a process's root, `/proc/<pid>/root/`).
+MACHINE_PATH = re.compile(r"(?<![\w.~>-])(/work/|/root/|/home/[^/\s`]+/|/Users/[^/\s`]+/|/tmp/pytest-)")
 # A path to a markdown file (with a directory: a bare `table.md` is an example argument).
 MD_REFERENCE = re.compile(r"(?<![\w/.:-])([\w.-]*/[\w./-]*[\w-]\.md)\b")
 

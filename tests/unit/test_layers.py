@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     # the assembly layer
     "machine": 3,
     # what is built on assembled machines (or on the fd layer directly)
-    "microvm": 4, "snapshot": 4, "sandbox": 4, "pool": 4, "kut": 4, "lab": 4,
+    "microvm": 4, "snapshot": 4, "sandbox": 4, "pool": 4, "kut": 4, "lab": 4, "jail": 4,
     # the command line
     "cli": 5,
 }
