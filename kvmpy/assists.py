@@ -56,7 +56,7 @@ from .x86.decode import Decoder, Fault, Instruction, effective_address, read_reg
 # A hook sees the raw exit first (before any register ioctl) and returns True if it handled it.
 Hook = Callable[[Any, InternalErrorExit], bool]
 
-# Short names for the x86/arch.py vocabulary used in this file (module globals: fast on exit paths).
+# Short names for the kvmpy/arch.py vocabulary used in this file (module globals: fast on exit paths).
 DB_VECTOR, BP_VECTOR, OF_VECTOR, UD_VECTOR = Vector.DB, Vector.BP, Vector.OF, Vector.UD
 NM_VECTOR, GP_VECTOR, PF_VECTOR, MF_VECTOR = Vector.NM, Vector.GP, Vector.PF, Vector.MF
 RFLAGS_TF, RFLAGS_OF, RFLAGS_AC = Rflags.TF, Rflags.OF, Rflags.AC

@@ -21,8 +21,8 @@ from typing import Callable, Iterator
 
 from ._kvm import ffi
 from .errors import GuestMemoryError, PageFault
-# x86/arch.py is a leaf (it imports nothing from kvmpy), so this is no upward import.
-from .x86.arch import Cr0, Cr4, Efer
+# kvmpy/arch.py is a leaf (it imports nothing from kvmpy), so this is no upward import.
+from .arch import Cr0, Cr4, Efer
 
 PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20

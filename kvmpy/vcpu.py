@@ -22,7 +22,7 @@ from .blobs import from_blob, to_blob
 from .dirty import DirtyRing
 from .errors import KvmError, KvmIoctlError
 from .exits import Exit, IntrExit, decode
-from .x86.arch import CpuMode, cpu_mode
+from .arch import CpuMode, cpu_mode
 
 # The signal that kicks a vCPU thread out of KVM_RUN. Its handler does
 # nothing; it is installed from C without SA_RESTART so KVM_RUN sees EINTR.
@@ -373,7 +373,7 @@ class Vcpu:
         return refused
 
     def cpu_mode(self, sregs: Any | None = None) -> CpuMode:
-        """The CPU mode from CR0, EFER and CS (kvmpy.x86.arch.cpu_mode): "real", "long64", ..."""
+        """The CPU mode from CR0, EFER and CS (kvmpy.arch.cpu_mode): "real", "long64", ..."""
         return cpu_mode(sregs if sregs is not None else self.get_sregs())
 
     def map_dirty_ring(self, entries: int) -> DirtyRing:
