@@ -36,8 +36,18 @@ import zlib
 from array import array
 from pathlib import Path
 
-from .image import (CorruptImageError, DiskImage, StorageError, UnsupportedImageError, copy_into, fill_zero,
-                    preadv_full, pwritev_full, slice_views, views_len)
+from .image import (
+    CorruptImageError,
+    DiskImage,
+    StorageError,
+    UnsupportedImageError,
+    copy_into,
+    fill_zero,
+    preadv_full,
+    pwritev_full,
+    slice_views,
+    views_len,
+)
 from .lock import ImageLock
 
 MAGIC = b"QFI\xfb"
