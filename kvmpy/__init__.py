@@ -55,7 +55,8 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "BootError", "Bus", "BusError", "Capability", "CapabilityError", "CpuidEntry", "DebugExit",
     "Device", "Exit", "ExitReason", "FailEntryExit", "GuestError", "GuestMemory", "GuestMemoryError",
-    "HltExit", "InternalErrorExit", "Machine", "MachineConfig", "MicroVM", "MicroVMConfig", "IntrExit", "IoExit", "IrqWindowOpenExit", "Kvm", "KvmError",
+    "HltExit", "InternalErrorExit", "Machine", "MachineConfig", "MicroVM", "MicroVMConfig", "IntrExit", "IoExit",
+    "IrqWindowOpenExit", "Kvm", "KvmError",
     "KvmIoctlError", "KvmUnavailableError", "MemoryRegion", "MmioExit", "MsrExit", "ShutdownExit",
     "SystemEventExit", "Vcpu", "VcpuLoop", "Vm", "build", "kvm_available", "mmio_bus", "pio_bus",
 ]

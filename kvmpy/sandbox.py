@@ -956,5 +956,5 @@ def run(code: str | bytes | Image, args: Sequence[Arg] = (), *, lang: str | None
     return fn.run(*args).value
 
 
-__all__ = ["BudgetExceeded", "CompileError", "ForgedReport", "GuestAbort", "GuestContext", "GuestFault", "GuestFunction",
-           "Image", "MemoryLimitExceeded", "RunResult", "SandboxError", "build_image", "compile_c", "run"]
+__all__ = ["BudgetExceeded", "CompileError", "ForgedReport", "GuestAbort", "GuestContext", "GuestFault",
+           "GuestFunction", "Image", "MemoryLimitExceeded", "RunResult", "SandboxError", "build_image", "compile_c", "run"]

@@ -103,7 +103,8 @@ class HostDriver:
         self.requests += len(reqs)
 
 
-def run_pattern(dev: BlockDevice, mem: GuestMemory, pattern: str, size: int, rng: random.Random) -> tuple[float, float, float]:
+def run_pattern(dev: BlockDevice, mem: GuestMemory, pattern: str, size: int,
+                rng: random.Random) -> tuple[float, float, float]:
     """(MiB/s, notifies per request, interrupts per request) for one pattern."""
     drv = HostDriver(dev, mem)
     mem.write(BUF_BASE, os.urandom(BATCH * (64 << 10)))
@@ -190,7 +191,8 @@ def reference_part(size: int, repeat: int) -> dict[tuple[str, str], list[float]]
                 create_qcow2(p, size)
                 for write in (True, False):
                     secs = bench(p, write, count)
-                    out.setdefault((who, "seq write 64k" if write else "seq read 64k"), []).append(size / secs / (1 << 20))
+                    key = (who, "seq write 64k" if write else "seq read 64k")
+                    out.setdefault(key, []).append(size / secs / (1 << 20))
     return out
 
 
@@ -202,7 +204,8 @@ def render(size: int, repeat: int, dev: dict, ref: dict) -> str:
              f"`scripts/bench_disk.py --mib {size >> 20} --repeat {repeat}`.", "",
              "virtio-blk driven from the host through the real device and transport (batches of "
              f"{BATCH} requests per notify, no EVENT_IDX; FLUSH not timed); ratio = format / raw:", "",
-             "| pattern | raw MiB/s | qcow2 MiB/s | qcow2/raw | overlay MiB/s | overlay/raw | notifies/req (all) | irqs/req raw, qcow2, overlay |",
+             "| pattern | raw MiB/s | qcow2 MiB/s | qcow2/raw | overlay MiB/s | overlay/raw | notifies/req (all) "
+             "| irqs/req raw, qcow2, overlay |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in PATTERNS:
         raw = med(x[0] for x in dev[("raw", p)])

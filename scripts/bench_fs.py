@@ -150,7 +150,8 @@ def main() -> int:
         "ratio always/blk |",
         "| --- | --- | --- | --- | --- | --- |",
         *rows, "",
-        f"`scripts/bench_fs.py --files {args.files} --size {args.size} --repeat {args.repeat}`. Each file costs virtio-fs several FUSE "
+        f"`scripts/bench_fs.py --files {args.files} --size {args.size} --repeat {args.repeat}`. "
+        "Each file costs virtio-fs several FUSE "
         "requests (LOOKUP, OPEN, READ, FLUSH, RELEASE), each a round trip through the request queue to "
         "virtiofsd and an interrupt back, where ext4 on virtio-blk reads directory and inode blocks for many "
         "files per request; the guest kernel code of every round trip runs emulated on this backend. With "
