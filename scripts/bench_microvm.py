@@ -256,7 +256,7 @@ def bench_breakdown(pages: int = 16) -> dict:
         with sandbox.GuestFunction(WRITER, memory="16M", timeout=None, warm=True, dirty_mode=mode) as f:
             assert f(pages) == pages
             res[f"call+reset, {mode.value}"] = _median_us(lambda: f(pages))
-            w = next(iter(f._warm_vms.values()))
+            w = f.warm_vms[0]
             cp, vcpu = w.checkpoint, w.vcpu
             region = cp.regions[0]
             run = vcpu.run_struct

@@ -144,7 +144,7 @@ def check_qcow2(events: list[Event], image: Path) -> None:
     with open_image(image, readonly=True) as img:
         cs = img.cluster_size
         l2_off = img.l1[0] & L1E_OFFSET_MASK
-        host = img._load_l2(l2_off)[DATA_SECTOR * 512 // cs] & L2E_OFFSET_MASK
+        host = img.l2_entry(DATA_SECTOR * 512 // cs) & L2E_OFFSET_MASK
         blocks = [e & RT_OFFSET_MASK for e in img.rc_table if e & RT_OFFSET_MASK]
         l1_off, l1_len = img.l1_offset, 8 * len(img.l1)
     done = flush_irq(events)
