@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,8 +141,9 @@ def device_part(size: int, repeat: int) -> dict[tuple[str, str], list[tuple[floa
                 base = d / "base.raw"
                 base.write_bytes(os.urandom(size))
                 create_qcow2(d / "disk.qcow2", size)
-                makers = {"raw": lambda: BlockDevice(raw), "qcow2": lambda: BlockDevice(d / "disk.qcow2"),
-                          "overlay": lambda: BlockDevice(create_overlay(base, d / "ov.qcow2"))}
+                # each device is made when its turn comes; the paths are bound now (B023)
+                makers = {"raw": partial(BlockDevice, raw), "qcow2": partial(BlockDevice, d / "disk.qcow2"),
+                          "overlay": lambda base=base, d=d: BlockDevice(create_overlay(base, d / "ov.qcow2"))}
                 order = list(makers)
                 if r % 2:
                     order.reverse()  # alternate, so a shared host's drift hits all alike
