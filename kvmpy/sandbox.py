@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._kvm import lib
+from ._kvm import ffi, lib
 from .bus import mmio_bus, pio_bus
 from .cache import cache_root, store
 from .dirty import DEFAULT_RING_ENTRIES, DirtyLogMode, ring_capability
@@ -620,6 +620,33 @@ def _setup_cpu(fn: GuestFunction, vcpu: Any, mem: GuestMemory, values: list[int]
     vcpu.run_struct.kvm_valid_regs |= SYNC_REGS
 
 
+@dataclass(frozen=True)
+class InitialState:
+    """What a call of a guest function starts from, as bytes: for a native re-implementation to load the same."""
+
+    low: bytes  # page tables, GDT and IDT at guest address 0
+    trampoline: bytes  # at TRAMPOLINE_ADDR
+    prologue: bytes  # at PROLOGUE_ADDR
+    abi: bytes  # the ABI block at ABI_ADDR with the arguments
+    regs: bytes  # struct kvm_regs
+    sregs: bytes  # struct kvm_sregs
+    cpuid: list[Any]  # the CPUID entries the vCPU is given
+
+
+def initial_state(fn: GuestFunction, *args: Arg) -> InitialState:
+    """The memory and registers `fn(*args)` starts with, read back from a scratch vCPU."""
+    kvm = fn.kvm or shared_kvm()
+    with kvm.create_vm() as vm, GuestMemory(fn.memory) as mem:
+        vm.add_memory(mem)
+        vcpu = vm.create_vcpu(0)
+        values = _load_args(fn, mem, args)
+        abi = mem.read(ABI_ADDR, _ABI.size)
+        _setup_cpu(fn, vcpu, mem, values)
+        sregs, regs = bytes(ffi.buffer(vcpu.get_sregs())), bytes(ffi.buffer(vcpu.get_regs()))
+    return InitialState(_low_image(fn.memory), _trampoline(), _prologue(fn.image.entry), abi, regs, sregs,
+                        _supported_cpuid(kvm))
+
+
 class _WarmVms:
     """A guest function's warm VMs, one per calling thread (a pool's workers each keep their own)."""
 
@@ -985,5 +1012,5 @@ def run(code: str | bytes | Image, args: Sequence[Arg] = (), *, lang: str | None
 
 
 __all__ = ["BudgetExceeded", "CompileError", "ForgedReport", "GuestAbort", "GuestContext", "GuestFault",
-           "GuestFunction", "Image", "MemoryLimitExceeded", "RunResult", "SandboxError", "build_image", "compile_c",
-           "run"]
+           "GuestFunction", "Image", "InitialState", "MemoryLimitExceeded", "RunResult", "SandboxError",
+           "build_image", "compile_c", "initial_state", "run"]
