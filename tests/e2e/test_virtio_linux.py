@@ -2,8 +2,9 @@
 
 The machine is kvmpy's `Machine` with `MachineConfig.devices`. One boot serves
 every test here (a boot costs minutes on the software KVM backend). The machine
-has no initramfs: its root file system is an ext4 image made by `make_ext4_image` from a directory holding busybox, kvmpy's
-/init and a small static vsock client, and the kernel mounts it read-write
+has no initramfs: its root file system is an ext4 image made by
+`make_ext4_image` from a directory holding busybox, kvmpy's /init and a
+small static vsock client, and the kernel mounts it read-write
 from virtio-blk (`root=/dev/vda rw`). The kernel configures eth0 itself
 (`ip=` on the command line); the host pings it over the TAP as soon as the
 console says "IP-Config: Complete". Then the test types into the guest's
