@@ -47,7 +47,7 @@ _HARVEST_CHUNK = 4096
 DEFAULT_RING_ENTRIES = 4096  # 64 KiB per vCPU; a power of two, as KVM requires
 
 
-class DirtyLogMode(str, enum.Enum):
+class DirtyLogMode(enum.StrEnum):
     """How the VM's dirty pages are found."""
 
     BITMAP = "bitmap"  # KVM_GET_DIRTY_LOG (+ KVM_CLEAR_DIRTY_LOG)

@@ -22,13 +22,14 @@ and the host's network interfaces (TAP devices).
 from __future__ import annotations
 
 import os
-import re
 import queue
+import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import psutil
 

@@ -64,11 +64,12 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from ._kvm import lib
+from ._kvm import ffi, lib
 from .bus import mmio_bus, pio_bus
 from .cache import cache_root, store
 from .dirty import DEFAULT_RING_ENTRIES, DirtyLogMode, ring_capability
@@ -447,7 +448,7 @@ class _Doorbell:
                 run.returned = _signed(run.loop.vcpu.run_struct.s.regs.regs.rax)
                 run.loop.stop()
             else:
-                run._on_hostcall(nr)
+                run.on_hostcall(nr)
 
 
 class _Watchdog:
@@ -619,12 +620,77 @@ def _setup_cpu(fn: GuestFunction, vcpu: Any, mem: GuestMemory, values: list[int]
     vcpu.run_struct.kvm_valid_regs |= SYNC_REGS
 
 
+@dataclass(frozen=True)
+class InitialState:
+    """What a call of a guest function starts from, as bytes: for a native re-implementation to load the same."""
+
+    low: bytes  # page tables, GDT and IDT at guest address 0
+    trampoline: bytes  # at TRAMPOLINE_ADDR
+    prologue: bytes  # at PROLOGUE_ADDR
+    abi: bytes  # the ABI block at ABI_ADDR with the arguments
+    regs: bytes  # struct kvm_regs
+    sregs: bytes  # struct kvm_sregs
+    cpuid: list[Any]  # the CPUID entries the vCPU is given
+
+
+def initial_state(fn: GuestFunction, *args: Arg) -> InitialState:
+    """The memory and registers `fn(*args)` starts with, read back from a scratch vCPU."""
+    kvm = fn.kvm or shared_kvm()
+    with kvm.create_vm() as vm, GuestMemory(fn.memory) as mem:
+        vm.add_memory(mem)
+        vcpu = vm.create_vcpu(0)
+        values = _load_args(fn, mem, args)
+        abi = mem.read(ABI_ADDR, _ABI.size)
+        _setup_cpu(fn, vcpu, mem, values)
+        sregs, regs = bytes(ffi.buffer(vcpu.get_sregs())), bytes(ffi.buffer(vcpu.get_regs()))
+    return InitialState(_low_image(fn.memory), _trampoline(), _prologue(fn.image.entry), abi, regs, sregs,
+                        _supported_cpuid(kvm))
+
+
+class _WarmVms:
+    """A guest function's warm VMs, one per calling thread (a pool's workers each keep their own)."""
+
+    def __init__(self, fn: GuestFunction) -> None:
+        self.fn = fn
+        self.lock = threading.Lock()
+        self.by_thread: dict[int, _WarmVm] = {}
+        self.built = 0
+
+    def take(self) -> _WarmVm:
+        with self.lock:
+            w = self.by_thread.pop(threading.get_ident(), None)
+        if w is None:
+            w = _WarmVm(self.fn)
+            self.built += 1
+        return w
+
+    def give_back(self, w: _WarmVm, keep: bool) -> None:
+        if keep:
+            with self.lock:
+                if self.fn.warm and threading.get_ident() not in self.by_thread:
+                    self.by_thread[threading.get_ident()] = w
+                    return
+        w.close()
+
+    def kept(self) -> tuple[_WarmVm, ...]:
+        with self.lock:
+            return tuple(self.by_thread.values())
+
+    def close(self) -> None:
+        with self.lock:
+            vms, self.by_thread = list(self.by_thread.values()), {}
+        for w in vms:
+            w.close()
+
+
 class _Run:
     """One call of a guest function, in a fresh VM (torn down after) or in the thread's warm VM."""
 
     def __init__(self, fn: GuestFunction, args: Sequence[Arg], timeout: float | None,
-                 hostcalls: Mapping[int, HostCall], max_hostcalls: int | None) -> None:
+                 hostcalls: Mapping[int, HostCall], max_hostcalls: int | None,
+                 warm_vms: _WarmVms | None = None) -> None:
         self.fn = fn
+        self.warm_vms = warm_vms  # None: a fresh VM for this call
         self.args = args
         self.timeout = timeout
         self.hostcalls = hostcalls
@@ -637,8 +703,8 @@ class _Run:
         self.checkpoint: Checkpoint | None = None
 
     def execute(self) -> RunResult:
-        if self.fn.warm:
-            return self._execute_warm()
+        if self.warm_vms is not None:
+            return self._execute_warm(self.warm_vms)
         fn = self.fn
         kvm = fn.kvm or shared_kvm()
         t0 = time.perf_counter()
@@ -668,10 +734,10 @@ class _Run:
             # hundreds of VMs never wait for the garbage collector.
             self.loop = None
 
-    def _execute_warm(self) -> RunResult:
+    def _execute_warm(self, warm_vms: _WarmVms) -> RunResult:
         fn = self.fn
         t0 = time.perf_counter()
-        warm = fn._take_warm_vm()
+        warm = warm_vms.take()
         keep = False
         try:
             self.mem = mem = warm.mem  # type: ignore[assignment]
@@ -697,7 +763,7 @@ class _Run:
                 keep = False
                 raise
             finally:
-                fn._give_back_warm_vm(warm, keep)
+                warm_vms.give_back(warm, keep)
 
     def _run_loop(self) -> Exit:
         assert self.loop is not None
@@ -727,7 +793,7 @@ class _Run:
                     # IOPL 0 and no stub does this: only forged code could.
                     raise ForgedReport("an exit on the host-call port 0xe0 did not come through the "
                                        "sandbox's #GP gate")
-                self._on_hostcall(value)  # a CPL0 payload (user_mode=False) does port I/O itself
+                self.on_hostcall(value)  # a CPL0 payload (user_mode=False) does port I/O itself
                 return
             vector = port - FAULT_PORT_BASE
             frame = self._report_frame(vector)
@@ -770,10 +836,10 @@ class _Run:
         self.mem.write_u64(frame + 8, rip + 2)
         if self.checkpoint is not None:
             self.checkpoint.note_write(frame + 8, 8)
-        self._on_hostcall(self.loop.vcpu.run_struct.s.regs.regs.rax & 0xFF)  # type: ignore[union-attr]
+        self.on_hostcall(self.loop.vcpu.run_struct.s.regs.regs.rax & 0xFF)  # type: ignore[union-attr]
         return True
 
-    def _on_hostcall(self, value: int) -> None:
+    def on_hostcall(self, value: int) -> None:
         assert self.loop is not None
         mem = self.mem
         if value == HC_RETURN:
@@ -898,32 +964,21 @@ class GuestFunction:
         self.kvm = kvm
         self.warm = warm
         self.dirty_mode = DirtyLogMode(dirty_mode) if dirty_mode is not None else None
-        self._warm_vms: dict[int, _WarmVm] = {}
-        self._warm_lock = threading.Lock()
-        self.warm_vms_built = 0
+        self._warm_vms = _WarmVms(self)
 
-    def _take_warm_vm(self) -> _WarmVm:
-        with self._warm_lock:
-            w = self._warm_vms.pop(threading.get_ident(), None)
-        if w is None:
-            w = _WarmVm(self)
-            self.warm_vms_built += 1
-        return w
+    @property
+    def warm_vms_built(self) -> int:
+        """How many warm VMs this function has built (one per calling thread, plus rebuilds after a failure)."""
+        return self._warm_vms.built
 
-    def _give_back_warm_vm(self, w: _WarmVm, keep: bool) -> None:
-        if keep:
-            with self._warm_lock:
-                if self.warm and threading.get_ident() not in self._warm_vms:
-                    self._warm_vms[threading.get_ident()] = w
-                    return
-        w.close()
+    @property
+    def warm_vms(self) -> tuple[_WarmVm, ...]:
+        """The warm VMs kept now, one per thread that called (for inspection: each has its checkpoint and vCPU)."""
+        return self._warm_vms.kept()
 
     def close(self) -> None:
         """Close the warm VMs (a later warm call builds a new one)."""
-        with self._warm_lock:
-            vms, self._warm_vms = list(self._warm_vms.values()), {}
-        for w in vms:
-            w.close()
+        self._warm_vms.close()
 
     def __enter__(self) -> GuestFunction:
         return self
@@ -939,7 +994,8 @@ class GuestFunction:
             raise ValueError(f"a guest function takes at most 6 arguments, got {len(args)}")
         budget = self.timeout if timeout == "default" else timeout
         calls = {**self.hostcalls, **(hostcalls or {})}
-        return _Run(self, args, budget, calls, self.max_hostcalls).execute()  # type: ignore[arg-type]
+        warm_vms = self._warm_vms if self.warm else None
+        return _Run(self, args, budget, calls, self.max_hostcalls, warm_vms).execute()  # type: ignore[arg-type]
 
     def __call__(self, *args: Arg) -> int:
         return self.run(*args).value
@@ -955,5 +1011,6 @@ def run(code: str | bytes | Image, args: Sequence[Arg] = (), *, lang: str | None
     return fn.run(*args).value
 
 
-__all__ = ["BudgetExceeded", "CompileError", "ForgedReport", "GuestAbort", "GuestContext", "GuestFault", "GuestFunction",
-           "Image", "MemoryLimitExceeded", "RunResult", "SandboxError", "build_image", "compile_c", "run"]
+__all__ = ["BudgetExceeded", "CompileError", "ForgedReport", "GuestAbort", "GuestContext", "GuestFault",
+           "GuestFunction", "Image", "InitialState", "MemoryLimitExceeded", "RunResult", "SandboxError",
+           "build_image", "compile_c", "initial_state", "run"]

@@ -53,7 +53,7 @@ class VirtiofsdError(KvmError):
     """virtiofsd is missing, would not start, or exited (the message says which and how to fix it)."""
 
 
-class CacheMode(str, enum.Enum):
+class CacheMode(enum.StrEnum):
     """virtiofsd's cache policy (the guest's page cache of host files): Rust's names; the C daemon's 'none' is NEVER."""
 
     AUTO = "auto"

@@ -41,7 +41,6 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perfdoc import update_section  # noqa: E402
 
-import kvmpy  # noqa: E402
 from kvmpy import sandbox  # noqa: E402
 from kvmpy._kvm import ffi, lib  # noqa: E402
 from kvmpy.dirty import DirtyLogMode  # noqa: E402
@@ -173,24 +172,18 @@ def _pct(values: list[float], p: float) -> float:
 
 def _dump_inputs(fn: sandbox.GuestFunction, workdir: Path, a: int, b: int) -> None:
     """The exact bytes and register values `sandbox` loads for fn(a, b)."""
-    kvm = sandbox.shared_kvm()
     mem_size = fn.memory
-    (workdir / "low.bin").write_bytes(sandbox._low_image(mem_size))
-    (workdir / "tramp.bin").write_bytes(sandbox._trampoline())
-    (workdir / "prologue.bin").write_bytes(sandbox._prologue(fn.image.entry))
+    state = sandbox.initial_state(fn, a, b)
+    (workdir / "low.bin").write_bytes(state.low)
+    (workdir / "tramp.bin").write_bytes(state.trampoline)
+    (workdir / "prologue.bin").write_bytes(state.prologue)
     seg = fn.image.segments[0]
     assert len(fn.image.segments) == 1 and seg.vaddr == sandbox.IMAGE_BASE
     (workdir / "image.bin").write_bytes(seg.data)
-    # Registers as the sandbox leaves them, read back from a scratch vCPU.
-    with kvm.create_vm() as vm, kvmpy.GuestMemory(mem_size) as mem:
-        vm.add_memory(mem)
-        vcpu = vm.create_vcpu(0)
-        values = sandbox._load_args(fn, mem, (a, b))
-        (workdir / "abi.bin").write_bytes(mem.read(sandbox.ABI_ADDR, sandbox._ABI.size))
-        sandbox._setup_cpu(fn, vcpu, mem, values)
-        (workdir / "sregs.bin").write_bytes(bytes(ffi.buffer(vcpu.get_sregs())))
-        (workdir / "regs.bin").write_bytes(bytes(ffi.buffer(vcpu.get_regs())))
-    entries = sandbox._supported_cpuid(kvm)
+    (workdir / "abi.bin").write_bytes(state.abi)
+    (workdir / "sregs.bin").write_bytes(state.sregs)
+    (workdir / "regs.bin").write_bytes(state.regs)
+    entries = state.cpuid
     c = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
     for dst, src in zip(c.entries[0:len(entries)], entries):
         for f in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
@@ -253,70 +246,77 @@ def bench_breakdown(pages: int = 16) -> dict:
     """Where a warm call's time goes, part by part, with a guest that writes `pages` heap pages."""
     res: dict[str, float] = {}
     for mode in (DirtyLogMode.RING, DirtyLogMode.BITMAP):
-        with sandbox.GuestFunction(WRITER, memory="16M", timeout=None, warm=True, dirty_mode=mode) as f:
-            assert f(pages) == pages
-            res[f"call+reset, {mode.value}"] = _median_us(lambda: f(pages))
-            w = next(iter(f._warm_vms.values()))
-            cp, vcpu = w.checkpoint, w.vcpu
-            region = cp.regions[0]
-            run = vcpu.run_struct
-
-            def kvm_run(reset: bool) -> float:
-                if reset:
-                    cp.reset()  # copies back and write-protects what the last run wrote
-                else:
-                    cp.vcpus[0].restore()  # registers only: the pages stay writable
-                run.s.regs.regs.rdi = pages
-                run.immediate_exit = 0
-                t0 = time.perf_counter()
-                assert vcpu.run_raw() == lib.KVM_EXIT_MMIO
-                return time.perf_counter() - t0
-
-            res[f"KVM_RUN of the call, {mode.value}"] = statistics.median(kvm_run(True) for _ in range(200)) * 1e6
-            if mode is DirtyLogMode.RING:  # the same run with its pages left writable: the tracking's price
-                kvm_run(False)
-                res["KVM_RUN of the call, its pages not write-protected again"] = \
-                    statistics.median(kvm_run(False) for _ in range(200)) * 1e6
-                cp.reset()
-
-            def collect() -> None:
-                kvm_run(True)
-                t0 = time.perf_counter()
-                cp.tracker.collect()
-                res.setdefault(f"collect {pages} dirty pages, {mode.value}", []).append(time.perf_counter() - t0)
-            for _ in range(200):
-                collect()
-            res[f"collect {pages} dirty pages, {mode.value}"] = \
-                statistics.median(res[f"collect {pages} dirty pages, {mode.value}"]) * 1e6
-            if mode is DirtyLogMode.RING:
-                image, view = cp.image[0], region.view
-                base = 0x400000
-
-                def copy() -> None:
-                    for i in range(pages):
-                        a = base + i * 4096
-                        view[a:a + 4096] = image.page(a // 4096)
-                res[f"copy back {pages} pages"] = _median_us(copy)
-                st = cp.vcpus[0]
-                res["KVM_SET_XSAVE"] = _median_us(lambda: vcpu.set_xsave(st.fpu))
-                res["registers and events through kvm_run (no ioctl)"] = _median_us(
-                    lambda: (ffi.memmove(st._dst_regs, st.regs, ffi.sizeof("struct kvm_regs")),
-                             ffi.memmove(st._dst_events, st.events, ffi.sizeof("struct kvm_vcpu_events"))))
-                # The memfd/MADV_DONTNEED alternative: these heap pages are pristine zero, so dropping them
-                # restores them; the price is paid by the next run, which faults each one in again.
-                mapping = region.mapping
-                res[f"MADV_DONTNEED of {pages} pages"] = _median_us(
-                    lambda: mapping.madvise(mmap.MADV_DONTNEED, base, pages * 4096))
-
-                def run_after_dontneed() -> float:
-                    kvm_run(True)
-                    mapping.madvise(mmap.MADV_DONTNEED, base, pages * 4096)  # zero = their pristine content
-                    cp.tracker.collect()  # and tracked again, as a memfd-backed reset would leave them
-                    return kvm_run(False)
-                res["KVM_RUN of the call after MADV_DONTNEED"] = \
-                    statistics.median(run_after_dontneed() for _ in range(200)) * 1e6
-                cp.reset()
+        _breakdown_mode(res, mode, pages)
     return res
+
+
+def _breakdown_mode(res: dict, mode: DirtyLogMode, pages: int) -> None:
+    """`bench_breakdown`'s parts for one dirty-tracking mode (a function: its closures are timed at once)."""
+    with sandbox.GuestFunction(WRITER, memory="16M", timeout=None, warm=True, dirty_mode=mode) as f:
+        assert f(pages) == pages
+        res[f"call+reset, {mode.value}"] = _median_us(lambda: f(pages))
+        w = f.warm_vms[0]
+        cp, vcpu = w.checkpoint, w.vcpu
+        region = cp.regions[0]
+        run = vcpu.run_struct
+
+        def kvm_run(reset: bool) -> float:
+            if reset:
+                cp.reset()  # copies back and write-protects what the last run wrote
+            else:
+                cp.vcpus[0].restore()  # registers only: the pages stay writable
+            run.s.regs.regs.rdi = pages
+            run.immediate_exit = 0
+            t0 = time.perf_counter()
+            assert vcpu.run_raw() == lib.KVM_EXIT_MMIO
+            return time.perf_counter() - t0
+
+        res[f"KVM_RUN of the call, {mode.value}"] = statistics.median(kvm_run(True) for _ in range(200)) * 1e6
+        if mode is DirtyLogMode.RING:  # the same run with its pages left writable: the tracking's price
+            kvm_run(False)
+            res["KVM_RUN of the call, its pages not write-protected again"] = \
+                statistics.median(kvm_run(False) for _ in range(200)) * 1e6
+            cp.reset()
+
+        def collect() -> None:
+            kvm_run(True)
+            t0 = time.perf_counter()
+            cp.tracker.collect()
+            res.setdefault(f"collect {pages} dirty pages, {mode.value}", []).append(time.perf_counter() - t0)
+        for _ in range(200):
+            collect()
+        res[f"collect {pages} dirty pages, {mode.value}"] = \
+            statistics.median(res[f"collect {pages} dirty pages, {mode.value}"]) * 1e6
+        if mode is DirtyLogMode.RING:
+            image, view = cp.image[0], region.view
+            base = 0x400000
+
+            def copy() -> None:
+                for i in range(pages):
+                    a = base + i * 4096
+                    view[a:a + 4096] = image.page(a // 4096)
+            res[f"copy back {pages} pages"] = _median_us(copy)
+            st = cp.vcpus[0]
+            # where the checkpoint's restore copies them: the synced registers in kvm_run
+            dst_regs, dst_events = ffi.addressof(run.s.regs, "regs"), ffi.addressof(run.s.regs, "events")
+            res["KVM_SET_XSAVE"] = _median_us(lambda: vcpu.set_xsave(st.fpu))
+            res["registers and events through kvm_run (no ioctl)"] = _median_us(
+                lambda: (ffi.memmove(dst_regs, st.regs, ffi.sizeof("struct kvm_regs")),
+                         ffi.memmove(dst_events, st.events, ffi.sizeof("struct kvm_vcpu_events"))))
+            # The memfd/MADV_DONTNEED alternative: these heap pages are pristine zero, so dropping them
+            # restores them; the price is paid by the next run, which faults each one in again.
+            mapping = region.mapping
+            res[f"MADV_DONTNEED of {pages} pages"] = _median_us(
+                lambda: mapping.madvise(mmap.MADV_DONTNEED, base, pages * 4096))
+
+            def run_after_dontneed() -> float:
+                kvm_run(True)
+                mapping.madvise(mmap.MADV_DONTNEED, base, pages * 4096)  # zero = their pristine content
+                cp.tracker.collect()  # and tracked again, as a memfd-backed reset would leave them
+                return kvm_run(False)
+            res["KVM_RUN of the call after MADV_DONTNEED"] = \
+                statistics.median(run_after_dontneed() for _ in range(200)) * 1e6
+            cp.reset()
 
 
 def bench_restore(restores: int, idle: int) -> dict:

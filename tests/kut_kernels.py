@@ -167,7 +167,8 @@ file = notbuilt.flat
 def build_tree(root: Path) -> Path:
     x86 = root / "x86"
     build_kernel(x86, "pass", ["PASS: thing: works", "SUMMARY: 1 tests"], 0)
-    build_kernel(x86, "fail", ["PASS: a", "FAIL: b: went wrong", "FAIL: c", "SUMMARY: 3 tests, 2 unexpected failures"], 1)
+    build_kernel(x86, "fail", ["PASS: a", "FAIL: b: went wrong", "FAIL: c",
+                               "SUMMARY: 3 tests, 2 unexpected failures"], 1)
     build_kernel(x86, "skip", ["SKIP: no such feature", "SUMMARY: 1 tests, 1 skipped"], 77 >> 1)
     build_kernel(x86, "hang", ["started"], mode="hang")
     (x86 / "unittests.cfg").write_text(CFG)

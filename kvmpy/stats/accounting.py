@@ -99,6 +99,15 @@ class ExitAccounting:
     def after_exit(self, reason: int) -> None:
         """Called per exit when `per_exit_hook` is set; nothing here."""
 
+    def carry_over(self, old: ExitAccounting) -> None:
+        """Take over what `old` counted so far (an accounting that replaces the loop's before its run)."""
+        self.assists, self.started_ns = old.assists, old.started_ns
+        # SLF001 is wrong here: the same class reads its own state off another instance.
+        self._mmio, self._label_row, self._row_label, self._by_label = (
+            old._mmio, old._label_row, old._row_label, old._by_label)  # noqa: SLF001
+        if old.c is not None:
+            ffi.memmove(self.c, old.c, ffi.sizeof("struct kvmpy_acct"))
+
     # -- the C struct, as the readers below use it ---------------------------------
 
     @property

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any
 
 from .._kvm import ffi, lib
 from ..errors import KvmError
@@ -57,7 +58,7 @@ class StatBase(enum.IntEnum):
 
 _HIST_TYPES = (StatType.LINEAR_HIST, StatType.LOG_HIST)
 
-Value = Union[int, tuple[int, ...]]  # a scalar, or the buckets of a histogram
+Value = int | tuple[int, ...]  # a scalar, or the buckets of a histogram
 
 
 def _enum(cls: type[enum.IntEnum], raw: int) -> Any:

@@ -28,11 +28,12 @@ from __future__ import annotations
 import bisect
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from .._kvm import ffi, lib
+from .._kvm import lib
 from .accounting import ExitAccounting, reason_name
 
 _SYNC_REGS = lib.KVM_SYNC_X86_REGS
@@ -303,10 +304,7 @@ def attach(loop: Any, *, every: int | None = None, symbols: SymbolTable | None =
     profile = ExitProfile(loop.vcpu, every, symbols)
     old = loop.accounting
     new = ProfiledAccounting(old.vcpu_id, profile)
-    new.assists, new.started_ns, new._mmio = old.assists, old.started_ns, old._mmio
-    new._label_row, new._row_label, new._by_label = old._label_row, old._row_label, old._by_label
-    if old.c is not None:
-        ffi.memmove(new.c, old.c, ffi.sizeof("struct kvmpy_acct"))
+    new.carry_over(old)
     loop.accounting = new
     return profile
 

@@ -8,17 +8,16 @@ QEMU does (see `lock.py`) and returns a `DiskImage`. See docs/storage.md.
 from __future__ import annotations
 
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
-from .image import (CorruptImageError, DiskChangedError, DiskImage, ImageLockedError, StorageError,
-                    UnsupportedImageError)
+from .image import CorruptImageError, DiskChangedError, DiskImage, ImageLockedError, StorageError, UnsupportedImageError
 from .qcow2 import MAGIC as QCOW2_MAGIC
 from .qcow2 import Qcow2Image, create_qcow2
 from .raw import RawImage
 
 
-class ImageFormat(str, Enum):
+class ImageFormat(StrEnum):
     RAW = "raw"
     QCOW2 = "qcow2"
 

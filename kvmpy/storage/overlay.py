@@ -19,9 +19,10 @@ from .qcow2 import Qcow2Image, create_qcow2
 class OverlayImage(Qcow2Image):
     """A `Qcow2Image` made by `create_overlay`; a throwaway one deletes its file (and temp dir) on close."""
 
-    base: Path
-    keep: bool
-    _tempdir: Path | None
+    def __init__(self, path: str | os.PathLike[str], *, base: Path, keep: bool = False,
+                 tempdir: Path | None = None) -> None:
+        self.base, self.keep, self._tempdir = base, keep, tempdir
+        super().__init__(path)
 
     def _close(self) -> None:
         super()._close()
@@ -61,13 +62,12 @@ def create_overlay(base: str | os.PathLike[str] | DiskImage, path: str | os.Path
             shutil.rmtree(tempdir, ignore_errors=True)
         raise
     try:
-        img = OverlayImage(path)
+        img = OverlayImage(path, base=base_path, keep=keep, tempdir=tempdir)
     except BaseException:
         path.unlink(missing_ok=True)  # ours: create_qcow2 refuses an existing path
         if tempdir is not None:
             shutil.rmtree(tempdir, ignore_errors=True)
         raise
-    img.base, img.keep, img._tempdir = base_path, keep, tempdir
     return img
 
 

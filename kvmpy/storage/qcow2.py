@@ -36,8 +36,18 @@ import zlib
 from array import array
 from pathlib import Path
 
-from .image import (CorruptImageError, DiskImage, StorageError, UnsupportedImageError, copy_into, fill_zero,
-                    preadv_full, pwritev_full, slice_views, views_len)
+from .image import (
+    CorruptImageError,
+    DiskImage,
+    StorageError,
+    UnsupportedImageError,
+    copy_into,
+    fill_zero,
+    preadv_full,
+    pwritev_full,
+    slice_views,
+    views_len,
+)
 from .lock import ImageLock
 
 MAGIC = b"QFI\xfb"
@@ -274,7 +284,8 @@ class Qcow2Image(DiskImage):
             block = self.rb_cache[off] = _be_array(self.refcount_type, raw)
         return block
 
-    def _l2_entry(self, guest_cluster: int) -> int:
+    def l2_entry(self, guest_cluster: int) -> int:
+        """The L2 entry of guest cluster `guest_cluster` (0: not allocated in this image)."""
         l1e = self.l1[guest_cluster // self.l2_entries]
         off = l1e & L1E_OFFSET_MASK
         if not off:
@@ -385,7 +396,7 @@ class Qcow2Image(DiskImage):
             g = offset + pos
             within = g & (cs - 1)
             n = min(cs - within, total - pos)
-            entry = self._l2_entry(g >> cb)
+            entry = self.l2_entry(g >> cb)
             if entry & QCOW_OFLAG_COMPRESSED:
                 data = self._compressed(entry)
                 copy_into(slice_views(views, pos, n), memoryview(data)[within:within + n])
@@ -395,7 +406,7 @@ class Qcow2Image(DiskImage):
                 host = entry & L2E_OFFSET_MASK
                 # Extend the run over guest clusters that follow contiguously on the host: one preadv.
                 while pos + n < total:
-                    nxt = self._l2_entry((g + n) >> cb)
+                    nxt = self.l2_entry((g + n) >> cb)
                     if (nxt & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO) or
                             (nxt & L2E_OFFSET_MASK) != host + within + n):
                         break

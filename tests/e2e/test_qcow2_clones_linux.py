@@ -74,7 +74,7 @@ def test_ten_clones_of_a_qcow2_booted_guest_each_keep_only_their_own_writes(tmp_
         assert vm.run("echo parent > /parent; sync; cat /parent", timeout=CMD_TIMEOUT).strip() == "parent"
         vm.snapshot(tmp_path / "snap")
         try:
-            for i in range(CLONES):
+            for _ in range(CLONES):
                 clones.append(MicroVM.restore(tmp_path / "snap"))
             for i, c in enumerate(clones):
                 # remount read-only: ext4 writes its journal back, so the host reads the file system as is

@@ -1,9 +1,10 @@
 """End to end: the real guest kernel with virtio-blk, virtio-net over a real TAP, virtio-rng and vsock.
 
-The machine is kvmpy's `Machine` with `MachineConfig.devices`. One boot serves every test here (a boot costs minutes on the software KVM
-backend). The machine has no initramfs: its root file system is an ext4
-image made by `make_ext4_image` from a directory holding busybox, kvmpy's
-/init and a small static vsock client, and the kernel mounts it read-write
+The machine is kvmpy's `Machine` with `MachineConfig.devices`. One boot serves
+every test here (a boot costs minutes on the software KVM backend). The machine
+has no initramfs: its root file system is an ext4 image made by
+`make_ext4_image` from a directory holding busybox, kvmpy's /init and a
+small static vsock client, and the kernel mounts it read-write
 from virtio-blk (`root=/dev/vda rw`). The kernel configures eth0 itself
 (`ip=` on the command line); the host pings it over the TAP as soon as the
 console says "IP-Config: Complete". Then the test types into the guest's
@@ -26,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from vsock_client import build_vsock_client, serve_one
 
 from kvmpy.boot.initramfs import INIT_MARKER
 from kvmpy.disk import ext4_mount_count, make_ext4_image, populate_busybox_root, read_file_from_image
 from kvmpy.machine import DEFAULT_CMDLINE, MachineConfig, build
-from vsock_client import build_vsock_client, serve_one
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm]
 

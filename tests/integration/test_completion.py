@@ -478,7 +478,7 @@ def test_completion_cost_is_recorded(kvm):
     r = GuestRunner(kvm, "popcnt %rbx, %rax")
     try:
         r.run({"rbx": 1})
-        for _name, seconds in r.assists.cost().items():
+        for seconds in r.assists.cost().values():
             assert seconds > 0
     finally:
         r.close()

@@ -50,7 +50,7 @@ def test_a_few_hundred_vms_leave_no_fds_threads_memory_or_interfaces_behind():
     before = ResourceSnapshot.take()
     rss = []
     with Pool(workers=24) as pool:
-        for batch in range(4):
+        for _batch in range(4):
             results = pool.run([(SQUARE if i % 5 else fault, (i,) if i % 5 else ()) for i in range(100)])
             assert sum(r.ok for r in results) == 80
             assert all(r.value == i * i for i, r in enumerate(results) if i % 5)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from kvmpy._kvm import lib
 
+from kvmpy._kvm import lib
 from kvmpy.dirty import DirtyLogMode
 from kvmpy.sandbox import PROLOGUE_ADDR, BudgetExceeded, GuestFault, GuestFunction
 
@@ -192,7 +192,7 @@ def test_pages_left_writable_after_repeated_writes_are_restored_at_every_reset()
         before = _look(fn)
         for _ in range(3):
             fn.run(LEAVE, KEY, MEMORY)
-        hot = next(iter(fn._warm_vms.values())).checkpoint.hot
+        hot = fn.warm_vms[0].checkpoint.hot
         assert sum(len(p) for p in hot.values()) > 100  # the path under test was taken
         _assert_same(before, _look(fn))
         fn.run(LEAVE, KEY, MEMORY)  # once more, now writing the hot pages without faults
@@ -202,7 +202,7 @@ def test_pages_left_writable_after_repeated_writes_are_restored_at_every_reset()
 def test_fault_frame_on_the_kernel_stack_is_restored_too():
     with _fn() as fn:
         _look(fn)
-        warm = next(iter(fn._warm_vms.values()))
+        warm = fn.warm_vms[0]
         image = warm.checkpoint.image[0]
         with pytest.raises(GuestFault, match="#UD"):
             fn.run(LEAVE_FAULT, KEY, MEMORY)
@@ -233,7 +233,7 @@ def test_without_the_reset_the_look_call_sees_every_trace():
     # The control: with the reset switched off, each kind of trace is visible, so the tests above can fail.
     with _fn() as fn:
         before = _look(fn)
-        warm = next(iter(fn._warm_vms.values()))
+        warm = fn.warm_vms[0]
         run = warm.vcpu.run_struct
 
         def restart_only():  # back to the entry point; registers as the last call left them
@@ -279,7 +279,7 @@ def test_a_full_dirty_ring_at_cpl3_exits_and_loses_no_page():
     # 6000 pages through a 4096-entry ring: KVM exits at the soft limit, the loop harvests and goes on.
     with GuestFunction(WRITER, memory="32M", warm=True, dirty_mode=DirtyLogMode.RING, timeout=30.0) as fn:
         fn(1)
-        warm = next(iter(fn._warm_vms.values()))
+        warm = fn.warm_vms[0]
         cp, resets = warm.checkpoint, []
         reset = cp.reset
         cp.reset = lambda: resets.append(reset())
@@ -304,7 +304,7 @@ def test_close_frees_every_warm_vm():
     for t in threads:
         t.join()
     assert fn.warm_vms_built == 5  # one per thread that called it (and the first)
-    image = sum(len(img.pages) for w in fn._warm_vms.values() for img in w.checkpoint.image.values())
+    image = sum(len(img.pages) for w in fn.warm_vms for img in w.checkpoint.image.values())
     assert image <= 4 * 64  # each warm VM keeps its non-zero pages only: well under 1 MiB each
     fn.close()
     # fds and kvm_run mappings must be exactly back; the address-space slack covers glibc's

@@ -11,7 +11,7 @@ import pytest
 
 from kvmpy._kvm import ffi
 from kvmpy import arch
-from kvmpy.x86.arch import ERROR_CODE_VECTORS, Cr0, Cr4, CpuMode, Efer, Rflags, Vector, cpl, cpu_mode
+from kvmpy.x86.arch import ERROR_CODE_VECTORS, CpuMode, Cr0, Cr4, Efer, Rflags, Vector, cpl, cpu_mode
 
 # Intel SDM vol. 3A, table 6-1 ("Error Code" column), and AMD APM vol. 2, table 8-1 for
 # the AMD-only vectors 28-30: written out per vector, independently of arch.py's set.

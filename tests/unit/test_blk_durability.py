@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from storage_helpers import assert_clean, needs_qemu_img
 
 from kvmpy.storage import create_qcow2, open_image
 from kvmpy.storage.qcow2 import L1E_OFFSET_MASK, L2E_OFFSET_MASK, RT_OFFSET_MASK
-from storage_helpers import assert_clean, needs_qemu_img
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +144,7 @@ def check_qcow2(events: list[Event], image: Path) -> None:
     with open_image(image, readonly=True) as img:
         cs = img.cluster_size
         l2_off = img.l1[0] & L1E_OFFSET_MASK
-        host = img._load_l2(l2_off)[DATA_SECTOR * 512 // cs] & L2E_OFFSET_MASK
+        host = img.l2_entry(DATA_SECTOR * 512 // cs) & L2E_OFFSET_MASK
         blocks = [e & RT_OFFSET_MASK for e in img.rc_table if e & RT_OFFSET_MASK]
         l1_off, l1_len = img.l1_offset, 8 * len(img.l1)
     done = flush_irq(events)

@@ -9,11 +9,19 @@ import shutil
 import struct
 
 import pytest
+from storage_helpers import assert_clean, assert_same_content, needs_qemu_img, qemu_img, qemu_io_writes
 
-from kvmpy.storage import (CorruptImageError, ImageFormat, Qcow2Image, RawImage, StorageError,
-                           UnsupportedImageError, create_qcow2, detect_format, open_image)
-from storage_helpers import (assert_clean, assert_same_content, needs_qemu_img, qemu_img,
-                             qemu_io_writes)
+from kvmpy.storage import (
+    CorruptImageError,
+    ImageFormat,
+    Qcow2Image,
+    RawImage,
+    StorageError,
+    UnsupportedImageError,
+    create_qcow2,
+    detect_format,
+    open_image,
+)
 
 pytestmark = needs_qemu_img
 MiB = 1 << 20

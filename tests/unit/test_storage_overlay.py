@@ -7,10 +7,18 @@ import os
 import shutil
 
 import pytest
-
-from kvmpy.storage import (DiskChangedError, DiskRecord, ImageLockedError, check_disk_record, create_overlay,
-                           describe_disk, fingerprint, open_image)
 from storage_helpers import assert_clean, needs_qemu_img, qemu_img
+
+from kvmpy.storage import (
+    DiskChangedError,
+    DiskRecord,
+    ImageLockedError,
+    check_disk_record,
+    create_overlay,
+    describe_disk,
+    fingerprint,
+    open_image,
+)
 
 MiB = 1 << 20
 
