@@ -44,9 +44,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import KvmError
 
@@ -181,7 +182,7 @@ IOCTL_TYPES = {"kvm": 0xAE, "vhost": 0xAF, "tty/tun": 0x54}
 SOCKET_FAMILIES = {"AF_UNIX": socket.AF_UNIX}
 CLONE3_ERRNO = errno.ENOSYS  # glibc falls back to clone(2), whose flags a filter can see
 
-_MARKER = "/.kvmpy-seccomp-marker"  # stat()ed just before the filter goes in: scripts/jail_syscalls.py
+SECCOMP_MARKER = "/.kvmpy-seccomp-marker"  # stat()ed just before the filter goes in: scripts/jail_syscalls.py
 
 
 def allowed_syscalls() -> list[str]:
@@ -204,7 +205,9 @@ def unshare(flags: int) -> None:
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = (lambda s: s.encode() if s is not None else None)
+    def enc(s: str | None) -> bytes | None:
+        return s.encode() if s is not None else None
+
     _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
            f"mount {source} on {target}")
 
@@ -682,7 +685,7 @@ def install_seccomp(action: SeccompAction = SeccompAction.KILL) -> None:
     """Load the filter into this process (all threads). Irreversible."""
     f = build_filter(action)
     try:
-        os.stat(_MARKER)
+        os.stat(SECCOMP_MARKER)
     except OSError:
         pass
     f.load()

@@ -16,13 +16,14 @@ import enum
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from ._kvm import ffi
-from .errors import GuestMemoryError, PageFault
+
 # kvmpy/arch.py is a leaf (it imports nothing from kvmpy), so this is no upward import.
 from .arch import Cr0, Cr4, Efer
+from .errors import GuestMemoryError, PageFault
 
 PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20

@@ -18,11 +18,11 @@ from typing import Any
 
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
+from .arch import CpuMode, cpu_mode
 from .blobs import from_blob, to_blob
 from .dirty import DirtyRing
 from .errors import KvmError, KvmIoctlError
 from .exits import Exit, IntrExit, decode
-from .arch import CpuMode, cpu_mode
 
 # The signal that kicks a vCPU thread out of KVM_RUN. Its handler does
 # nothing; it is installed from C without SA_RESTART so KVM_RUN sees EINTR.

@@ -49,12 +49,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from virtio_driver import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Driver  # noqa: E402
-
 from kvmpy.devices.virtio.blk import BlockDevice  # noqa: E402
 from kvmpy.devices.virtio.mmio import VIRTIO_F_EVENT_IDX, MmioTransport  # noqa: E402
 from kvmpy.memory import GuestMemory  # noqa: E402
 from kvmpy.storage import create_overlay, create_qcow2, open_image  # noqa: E402
+
+from virtio_driver import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Driver  # noqa: E402
 
 SECTION = "## Disk formats (scripts/bench_disk.py)"
 BATCH = 64          # requests per notify: 3 descriptors each in a 256-entry queue

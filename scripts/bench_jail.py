@@ -25,8 +25,9 @@ HEADING = "## The jail's seccomp filter on the exit path (scripts/bench_jail.py)
 
 
 def child(filtered: bool, iterations: int) -> None:
-    import kvmpy
     from bench_exits import ENTRY, GUESTS, run_kvmpy
+
+    import kvmpy
     from kvmpy.x86.asm import assemble
 
     code = assemble(GUESTS["pio"], "16", ENTRY)

@@ -21,11 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from perfdoc import update_section  # noqa: E402
+
 from kvmpy import exits  # noqa: E402
 from kvmpy._kvm import ffi, lib  # noqa: E402
 from kvmpy.errors import GuestMemoryError  # noqa: E402
 from kvmpy.memory import Access, GuestMemory  # noqa: E402
-from perfdoc import update_section  # noqa: E402
 
 _PRESENT, _PS, _ADDR_MASK = 1, 1 << 7, 0x000F_FFFF_FFFF_F000
 

@@ -55,7 +55,7 @@ def parse(log: Path) -> tuple[collections.Counter, int]:
                 execs.add(pid)
             if vmm is None:
                 before += 1
-                if jail._MARKER in line:
+                if jail.SECCOMP_MARKER in line:
                     vmm = pid
                 continue
             if not loaded:  # libseccomp's own calls, up to the filter load, are not the VMM's
@@ -64,7 +64,7 @@ def parse(log: Path) -> tuple[collections.Counter, int]:
             if m.group(3):  # count a call where it starts, not where it resumes
                 events.append((pid, name))
     if vmm is None:
-        raise SystemExit(f"{log}: no line with the marker {jail._MARKER}: was the filter ever installed?")
+        raise SystemExit(f"{log}: no line with the marker {jail.SECCOMP_MARKER}: was the filter ever installed?")
     ours = {p for p, n in first_seen.items() if p == vmm or (n > first_seen[vmm] and p not in execs)}
     return collections.Counter(name for pid, name in events if pid in ours), before
 

@@ -48,6 +48,7 @@ def device_cycle(image: str, use_tap: bool) -> None:
     from kvmpy.devices.virtio.net import NET_HDR_SIZE, NetDevice
     from kvmpy.memory import GuestMemory
     from kvmpy.net.tap import Tap
+
     from virtio_driver import Driver
 
     with GuestMemory(2 << 20) as mem:

@@ -28,6 +28,7 @@ from kvmpy.devices.virtio.blk import BlkStatus, BlockDevice, RequestType  # noqa
 from kvmpy.devices.virtio.iothread import IoThread  # noqa: E402
 from kvmpy.devices.virtio.mmio import MmioTransport  # noqa: E402
 from kvmpy.memory import GuestMemory  # noqa: E402
+
 from virtio_driver import Driver  # noqa: E402
 
 SECTOR = 512

@@ -37,7 +37,6 @@ import tempfile
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
-from virtio_driver import Allocator, Driver
 
 from kvmpy.devices.virtio import blk, net, rng, vsock
 from kvmpy.devices.virtio.iothread import IoThread
@@ -51,6 +50,8 @@ from kvmpy.devices.virtio.mmio import (
 )
 from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from kvmpy.memory import GuestMemory
+
+from virtio_driver import Allocator, Driver
 
 # Guest-physical layout: two RAM regions with a hole between them.
 LOW_END = 0x40000

@@ -27,8 +27,9 @@ component's saved state instead of 5-6.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from .._kvm import lib
 from ..assists import Assists
@@ -142,11 +143,11 @@ def make_devices(config: MachineConfig, *, existing: Sequence[VirtioDevice] = ()
     """
     from ..devices.virtio.blk import BlockDevice
     from ..devices.virtio.fs import share_devices
-    from ..storage import create_overlay
     from ..devices.virtio.net import NetDevice
     from ..devices.virtio.rng import EntropyDevice
     from ..devices.virtio.vsock import vsock_device
     from ..net.tap import Tap
+    from ..storage import create_overlay
 
     made: list[VirtioDevice] = []
     what = ""

@@ -5,6 +5,6 @@ fd layer uses them too (memory.py's page walk, Vcpu.cpu_mode); x86-level
 code imports them from here or from there, the same objects.
 """
 
-from ..arch import ERROR_CODE_VECTORS, Cr0, Cr4, CpuMode, Efer, Rflags, Vector, cpl, cpu_mode
+from ..arch import ERROR_CODE_VECTORS, CpuMode, Cr0, Cr4, Efer, Rflags, Vector, cpl, cpu_mode
 
 __all__ = ["ERROR_CODE_VECTORS", "Cr0", "Cr4", "CpuMode", "Efer", "Rflags", "Vector", "cpl", "cpu_mode"]

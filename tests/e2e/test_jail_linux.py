@@ -11,8 +11,8 @@ directory or cgroup is left.
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import selectors
 import subprocess
 import sys

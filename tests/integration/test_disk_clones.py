@@ -12,11 +12,12 @@ import shutil
 import subprocess
 
 import pytest
-from test_machine_outcomes import _elf
 
 from kvmpy.machine import ConfigError, DiskConfig, MachineConfig, build
 from kvmpy.snapshot import Snapshot, restore_machine, take_snapshot
 from kvmpy.storage import DiskChangedError, ImageLockedError
+
+from test_machine_outcomes import _elf
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-utils not installed")
 

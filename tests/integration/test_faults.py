@@ -13,8 +13,16 @@ import random
 
 import pytest
 
-from fault_worker import (SECTOR, SECTORS, blk_kill_trial, expected_after, net_kill_trials, round_on_disk,
-                          rounds, sector_data)
+from fault_worker import (
+    SECTOR,
+    SECTORS,
+    blk_kill_trial,
+    expected_after,
+    net_kill_trials,
+    round_on_disk,
+    rounds,
+    sector_data,
+)
 
 KILLS = 12  # per test here; scripts/faults.py runs hundreds for docs/reliability.md
 

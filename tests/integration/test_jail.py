@@ -26,7 +26,10 @@ if os.geteuid() != 0:
     pytest.skip("the jail needs root", allow_module_level=True)
 
 
-def _probe(action: str, *extra: str, config: JailConfig = JailConfig(), binds=()) -> JailedProcess:
+DEFAULT_JAIL = JailConfig()  # frozen: one shared default is safe
+
+
+def _probe(action: str, *extra: str, config: JailConfig = DEFAULT_JAIL, binds=()) -> JailedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     return JailedProcess(config, "jail_probe:main", [action, *extra], binds, env=env,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from guests import RecordingPort
 
 from kvmpy.errors import GuestMemoryError
 from kvmpy.exits import HltExit
 from kvmpy.x86 import modes
+
+from guests import RecordingPort
 
 ROM = 0x80_0000
 LOGGED = 0x100_0000

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from guests import MMIO_HOLE, RecordingPort, tiny_guest
 
 from kvmpy.exits import HltExit
+
+from guests import MMIO_HOLE, RecordingPort, tiny_guest
 
 MODES = ["16", "32", "64"]
 

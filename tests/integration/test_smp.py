@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 
-from guests import RecordingPort, add_vcpu
-
 from kvmpy.bus import pio_bus
 from kvmpy.exits import HltExit
 from kvmpy.runloop import VcpuLoop
+
+from guests import RecordingPort, add_vcpu
 
 SUM_TO_100 = """
     xor %eax, %eax

@@ -6,13 +6,14 @@ import os
 import time
 
 import pytest
-from guests import MMIO_HOLE, RecordingPort
 
 from kvmpy import ExitReason
 from kvmpy.platform import Backend, detect_backend
 from kvmpy.stats import measure, vm_stats
 from kvmpy.stats.accounting import IO_IN, IO_OUT, NBUCKETS
 from kvmpy.stats.kvmstats import StatsFd, StatType
+
+from guests import MMIO_HOLE, RecordingPort
 
 OUTS, INS, STORES = 100, 30, 20
 

@@ -27,6 +27,7 @@ from kvmpy.devices.virtio.mmio import VIRTIO_F_VERSION_1, MmioTransport, Registe
 from kvmpy.devices.virtio.vsock import HDR, HDR_SIZE, HOST_CID, Op, VhostVsockDevice, vhost_vsock_available
 from kvmpy.errors import VsockCidInUseError
 from kvmpy.memory import GuestMemory
+
 from virtio_driver import Driver
 from vsock_client import set_connect_timeout, vhost_device_on_a_free_cid
 

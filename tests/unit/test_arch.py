@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from kvmpy._kvm import ffi
 from kvmpy import arch
+from kvmpy._kvm import ffi
 from kvmpy.x86.arch import ERROR_CODE_VECTORS, CpuMode, Cr0, Cr4, Efer, Rflags, Vector, cpl, cpu_mode
 
 # Intel SDM vol. 3A, table 6-1 ("Error Code" column), and AMD APM vol. 2, table 8-1 for

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from storage_helpers import assert_clean, needs_qemu_img
 
 from kvmpy.storage import create_qcow2, open_image
 from kvmpy.storage.qcow2 import L1E_OFFSET_MASK, L2E_OFFSET_MASK, RT_OFFSET_MASK
+
+from storage_helpers import assert_clean, needs_qemu_img
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

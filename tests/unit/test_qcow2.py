@@ -9,7 +9,6 @@ import shutil
 import struct
 
 import pytest
-from storage_helpers import assert_clean, assert_same_content, needs_qemu_img, qemu_img, qemu_io_writes
 
 from kvmpy.storage import (
     CorruptImageError,
@@ -22,6 +21,8 @@ from kvmpy.storage import (
     detect_format,
     open_image,
 )
+
+from storage_helpers import assert_clean, assert_same_content, needs_qemu_img, qemu_img, qemu_io_writes
 
 pytestmark = needs_qemu_img
 MiB = 1 << 20

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from storage_helpers import assert_clean, assert_same_content, needs_qemu_img, qemu_img, qemu_io_writes
 
 from kvmpy.storage import create_qcow2, open_image
+
+from storage_helpers import assert_clean, assert_same_content, needs_qemu_img, qemu_img, qemu_io_writes
 
 pytestmark = needs_qemu_img
 SIZE = 1 << 20

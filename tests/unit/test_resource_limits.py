@@ -13,11 +13,6 @@ import socket
 import struct
 import time
 
-from test_virtio_net import FRAME, mem, net, wait_used  # noqa: F401 (fixtures)
-from test_virtio_net import HDR as NET_HDR
-from test_vsock import GUEST_CID, op_of, vsock  # noqa: F401 (fixture)
-from virtio_driver import Driver
-
 from kvmpy.devices.console_log import CONSOLE_LOG_MAX, ConsoleLog
 from kvmpy.devices.serial import RX_BACKLOG_SIZE, Serial16550
 from kvmpy.devices.virtio import blk as blk_mod
@@ -33,6 +28,11 @@ from kvmpy.devices.virtio.vsock import (
     Op,
 )
 from kvmpy.memory import GuestMemory
+
+from test_virtio_net import FRAME, mem, net, wait_used  # noqa: F401 (fixtures)
+from test_virtio_net import HDR as NET_HDR
+from test_vsock import GUEST_CID, op_of, vsock  # noqa: F401 (fixture)
+from virtio_driver import Driver
 
 
 def _drain_tx(g) -> None:

@@ -9,11 +9,12 @@ import sys
 import textwrap
 
 import pytest
-from storage_helpers import needs_qemu_img
 
 from kvmpy.devices.virtio.blk import BlockDevice
 from kvmpy.storage import ImageLockedError, create_qcow2, open_image
 from kvmpy.storage.lock import lock_holders
+
+from storage_helpers import needs_qemu_img
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

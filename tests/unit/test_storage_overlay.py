@@ -7,7 +7,6 @@ import os
 import shutil
 
 import pytest
-from storage_helpers import assert_clean, needs_qemu_img, qemu_img
 
 from kvmpy.storage import (
     DiskChangedError,
@@ -19,6 +18,8 @@ from kvmpy.storage import (
     fingerprint,
     open_image,
 )
+
+from storage_helpers import assert_clean, needs_qemu_img, qemu_img
 
 MiB = 1 << 20
 

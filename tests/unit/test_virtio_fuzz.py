@@ -15,6 +15,7 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+
 from virtio_fuzz import KINDS, Rig, Setup, programs
 
 settings.register_profile("suite", max_examples=100, deadline=None, derandomize=False,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from virtio_driver import Driver
 
 from kvmpy.devices.virtio.mmio import (
     MAGIC_VALUE,
@@ -17,6 +16,8 @@ from kvmpy.devices.virtio.mmio import (
 )
 from kvmpy.devices.virtio.rng import EntropyDevice
 from kvmpy.memory import GuestMemory
+
+from virtio_driver import Driver
 
 S = DeviceStatus
 

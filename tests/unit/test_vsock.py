@@ -17,6 +17,7 @@ from kvmpy.devices.virtio.iothread import IoThread
 from kvmpy.devices.virtio.mmio import MmioTransport
 from kvmpy.devices.virtio.vsock import BUF_ALLOC, HDR, HDR_SIZE, HOST_CID, Op, VsockDevice
 from kvmpy.memory import GuestMemory
+
 from virtio_driver import Driver
 
 GUEST_CID = 3
