@@ -242,16 +242,22 @@ class MicroVM:
 
     # -- snapshots ---------------------------------------------------------------------
 
-    def snapshot(self, directory: str | os.PathLike[str]) -> Path:
-        """Save the VM's complete state to `directory`; a running VM pauses for it and resumes."""
-        from .snapshot import take_snapshot
+    def snapshot(self, directory: str | os.PathLike[str], *, parent: str | os.PathLike[str] | None = None,
+                 track: bool = True) -> Path:
+        """Save the VM's complete state to `directory`; a running VM pauses for it and resumes.
+
+        `parent`: the VM's previous snapshot; only the pages written since are
+        saved (kvmpy/snapshot_chain.py). `track=False`: no page tracking from
+        this snapshot on (it cannot be a parent).
+        """
+        from .snapshot_chain import snapshot
 
         m = self._need("snapshot", "running", "paused")
         was_running = self.state == "running"
         if was_running:
             self.pause()
         try:
-            return take_snapshot(m, directory, meta={"expect_cursor": self._cursor})
+            return snapshot(m, directory, parent=parent, track=track, meta={"expect_cursor": self._cursor})
         finally:
             if was_running:
                 self.resume()
@@ -282,6 +288,25 @@ class MicroVM:
             machine.mark_paused()  # built, not started: resume() starts the vCPUs
             self.state = "paused"
         return self
+
+    def fork(self, n: int = 1, *, start: bool = True, disk_for_child: Callable[[int, dict], dict] | None = None,
+             console_sinks: Sequence[Callable[[bytes], None] | None] | None = None) -> list[MicroVM]:
+        """`n` children of this VM sharing its memory copy-on-write (kvmpy/machine/fork.py), started
+        unless `start=False`; a running VM pauses for the fork and runs on."""
+        m = self._need("fork", "running", "paused")
+        machines = m.fork(n, disk_for_child=disk_for_child, console=list(console_sinks) if console_sinks else None)
+        children = []
+        for i, machine in enumerate(machines):
+            child = MicroVM.__new__(MicroVM)
+            child.config, child.machine, child._lock = machine.config, machine, threading.Lock()
+            child.console_sink = console_sinks[i] if console_sinks else None
+            child._cursor, child.restore_seconds = self._cursor, None
+            child.state = "paused"
+            if start:
+                machine.start()
+                child.state = "running"
+            children.append(child)
+        return children
 
     def __repr__(self) -> str:
         return f"MicroVM({Path(self.config.kernel).name}, {self.state})"

@@ -90,6 +90,7 @@ class SnapshotData:
     state: dict
     console: bytes = b""
     meta: dict = field(default_factory=dict)
+    parent: dict | None = None  # an incremental snapshot's parent (kvmpy/snapshot_chain.py)
 
     def write(self, directory: str | os.PathLike[str]) -> Path:
         """Write the snapshot atomically: all of it appears at `directory`, or nothing changes there.
@@ -151,6 +152,8 @@ class SnapshotData:
             "created": time.time(), "struct_sizes": struct_sizes(), "config": self.config,
             "memory": layout, "files": files, "meta": self.meta,
         }
+        if self.parent is not None:
+            manifest["parent"] = self.parent
         _write_synced(d / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         _fsync_dir(d)
 
@@ -244,7 +247,13 @@ class Snapshot:
         return self.manifest["config"]
 
     def map_memory(self) -> GuestMemory:
-        """Guest memory backed copy-on-write by memory.bin (MAP_PRIVATE): clones share pages."""
+        """Guest memory backed copy-on-write by memory.bin (MAP_PRIVATE): clones share pages.
+
+        An incremental snapshot's memory is its chain's: kvmpy/snapshot_chain.py.
+        """
+        if self.manifest.get("parent") is not None:
+            from .snapshot_chain import map_chain
+            return map_chain(self)
         mem = GuestMemory(0)
         fd = os.open(self.directory / MEMORY_FILE, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -262,7 +271,8 @@ class Snapshot:
 
 # -- machines -----------------------------------------------------------------------
 
-def take_snapshot(machine: Machine, directory: str | os.PathLike[str], *, meta: dict | None = None) -> Path:
+def take_snapshot(machine: Machine, directory: str | os.PathLike[str], *, meta: dict | None = None,
+                  then: Callable[[Path], None] | None = None) -> Path:
     """Write a snapshot of a paused `Machine` into `directory`.
 
     The machine gathers its components' states (`Machine.snapshot_state`);
@@ -282,7 +292,10 @@ def take_snapshot(machine: Machine, directory: str | os.PathLike[str], *, meta: 
         config["virtio"] = virtio
         data = SnapshotData(config, [(r.gpa, r.mapping) for r in machine.memory], state.to_dict(),
                             machine.console.contents(), dict(meta or {}))
-        return data.write(directory)
+        written = data.write(directory)
+        if then is not None:
+            then(written)  # still quiesced: incremental tracking starts at exactly this memory
+        return written
 
 
 @dataclass
