@@ -307,8 +307,13 @@ class RestoreReport:
 
 
 def restore_machine(snapshot: Snapshot | str | os.PathLike[str], *,
-                    console: Callable[[bytes], None] | None = None, kvm: Any = None) -> tuple[Machine, RestoreReport]:
-    """A new `Machine` in the snapshot's state, its vCPUs not yet started: call `start()`."""
+                    console: Callable[[bytes], None] | None = None, kvm: Any = None,
+                    memory: GuestMemory | None = None) -> tuple[Machine, RestoreReport]:
+    """A new `Machine` in the snapshot's state, its vCPUs not yet started: call `start()`.
+
+    `memory`: guest RAM already holding (or serving) the snapshot's, instead of
+    memory.bin mapped MAP_PRIVATE (kvmpy/lazy.py's userfaultfd-backed memory).
+    """
     t0 = time.perf_counter()
     snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.open(snapshot)
     recorded = dict(snap.config)
@@ -320,7 +325,7 @@ def restore_machine(snapshot: Snapshot | str | os.PathLike[str], *,
     devices = devices_from_snapshot(virtio)
     config = dataclasses.replace(base, **device_configs(devices))
     try:
-        memory = snap.map_memory()
+        memory = snap.map_memory() if memory is None else memory
     except BaseException:
         for dev in devices:
             dev.close()
