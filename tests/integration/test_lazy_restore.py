@@ -48,27 +48,21 @@ def test_lazy_memory_reads_exactly_the_snapshots_bytes(snap, kvm):
 
 
 def test_a_memory_file_still_being_fetched_is_served_as_its_bytes_arrive(snap, tmp_path, kvm):
-    import threading
-    import time
+    import subprocess
 
     s, count = snap
     data = (s.directory / "memory.bin").read_bytes()
-    partial = tmp_path / "fetching.bin"
+    partial, rest = tmp_path / "fetching.bin", tmp_path / "rest.bin"
     partial.write_bytes(data[:1 << 20])  # the first MiB has arrived; the counter's page has not
-
-    def fetch_rest() -> None:
-        time.sleep(0.5)
-        with open(partial, "ab") as f:
-            f.write(data[1 << 20:])
-
-    fetcher = threading.Thread(target=fetch_rest)
-    fetcher.start()  # the restore itself may touch a page that is yet to come
+    rest.write_bytes(data[1 << 20:])
+    # another process fetches the rest (a thread of this one would wait for the GIL a faulting reader holds)
+    fetcher = subprocess.Popen(["sh", "-c", f"sleep 0.5; cat {rest} >> {partial}"])
     m, _ = lazy.restore_lazy(s, kvm=kvm, path=partial)
     try:
         assert _advance(m, count) > count  # the guest waited for its pages, then ran on
         assert m.memory.read(MARK, 1000) == b"lazy pages" * 100 and m.memory.error is None
     finally:
-        fetcher.join()
+        fetcher.wait(60)
         m.close()
 
 
