@@ -7,7 +7,8 @@ the name in an error message is exactly the ioctl that failed.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._kvm import ffi, lib
 from .errors import KvmIoctlError

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._kvm import ffi, lib
 from .errors import GuestError, GuestMemoryError

@@ -46,7 +46,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import GuestMemoryError, KvmError, SnapshotError
 from .memory import PAGE_SIZE, GuestMemory
@@ -251,7 +252,7 @@ def _serve_client(conn: socket.socket) -> None:
 
 def _serve_fault(uffd: int, fd: int, ranges: list, chunk: int, wait: float, buf: Any, address: int,
                  conn: socket.socket) -> None:
-    for start, size, offset in ranges:
+    for start, size, offset in ranges:  # noqa: B007  # the matching range's values are used below
         if start <= address < start + size:
             break
     else:
@@ -337,7 +338,7 @@ def benchmark(mib: int, repeat: int) -> dict:
                     pass
                 out[kind].append(time.perf_counter() - t)
                 if kind == "lazy":
-                    out["served"] = machine.memory.pages_served
+                    out["served"] = machine.memory.pages_served  # type: ignore[union-attr]
                 machine.close()
         return out
     finally:

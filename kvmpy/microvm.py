@@ -18,19 +18,15 @@ timeouts, outcomes as exceptions when asked, snapshots and restore
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .errors import KvmError
-from .machine import (ConfigError, DiskConfig, Machine, MachineConfig, NetConfig, Outcome, Status, VsockConfig,
-                      build)
+from .machine import ConfigError, DiskConfig, Machine, MachineConfig, NetConfig, Outcome, Status, VsockConfig, build
 
 
 class MicroVMError(KvmError):
@@ -297,16 +293,20 @@ class MicroVM:
         machines = m.fork(n, disk_for_child=disk_for_child, console=list(console_sinks) if console_sinks else None)
         children = []
         for i, machine in enumerate(machines):
-            child = MicroVM.__new__(MicroVM)
-            child.config, child.machine, child._lock = machine.config, machine, threading.Lock()
-            child.console_sink = console_sinks[i] if console_sinks else None
-            child._cursor, child.restore_seconds = self._cursor, None
-            child.state = "paused"
-            if start:
-                machine.start()
-                child.state = "running"
-            children.append(child)
+            children.append(MicroVM._adopt(machine, self._cursor, console_sinks[i] if console_sinks else None, start))
         return children
+
+    @classmethod
+    def _adopt(cls, machine: Machine, cursor: int, sink: Callable[[bytes], None] | None, start: bool) -> MicroVM:
+        """A MicroVM around a machine made elsewhere (a forked child), paused or started."""
+        self = cls.__new__(cls)
+        self.config, self.machine, self._lock = machine.config, machine, threading.Lock()
+        self.console_sink, self._cursor, self.restore_seconds = sink, cursor, None
+        self.state = "paused"
+        if start:
+            machine.start()
+            self.state = "running"
+        return self
 
     def __repr__(self) -> str:
         return f"MicroVM({Path(self.config.kernel).name}, {self.state})"

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._kvm import lib
 from .bus import Bus

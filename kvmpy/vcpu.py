@@ -13,7 +13,8 @@ import mmap
 import os
 import signal
 import threading
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib

@@ -148,7 +148,8 @@ def section(linux: dict, lazy_result: dict | None, args: argparse.Namespace) -> 
     ]
     if lazy_result and "unavailable" not in lazy_result:
         lz, mp = _median_ms(lazy_result["lazy"]), _median_ms(lazy_result["private"])
-        rows.append(f"| lazy restore of a {lazy_result['mib']} MiB guest to its first instruction (a counter moves), median "
+        rows.append(f"| lazy restore of a {lazy_result['mib']} MiB guest to its first instruction "
+                    "(a counter moves), median "
                     f"| {lz:.2f} ms ({lazy_result['served']} pages served) | MAP_PRIVATE restore {mp:.2f} ms "
                     f"| {lz / mp:.2f}x |")
     elif lazy_result:

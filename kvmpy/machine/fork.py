@@ -29,7 +29,8 @@ still read through to the old one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import cow
 from ..devices.virtio.attach import devices_from_snapshot
@@ -80,7 +81,7 @@ def fork_machine(parent: Machine, n: int, *, disk_for_child: DiskForChild | None
     except SnapshotRefused as e:
         raise ForkError(f"cannot fork: {e}") from None
     per_child = [child_device_configs(configs, i, disk_for_child) for i in range(n)]
-    sinks = list(console) if isinstance(console, (list, tuple)) else [console] * n
+    sinks: list[Console | None] = list(console) if isinstance(console, (list, tuple)) else [console] * n  # type: ignore[list-item]
     if len(sinks) != n:
         raise ForkError(f"{len(sinks)} console sinks for {n} children")
     with parent.quiesced():  # RAM, state and console of one instant

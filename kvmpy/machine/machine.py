@@ -25,9 +25,10 @@ import enum
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..bus import Bus
 from ..devices.i8042 import I8042

@@ -8,8 +8,9 @@ from a time series of snapshots (plain data, testable without matplotlib);
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .accounting import NBUCKETS
 

@@ -21,7 +21,8 @@ too); kvmpy filters those and faults every access.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .._kvm import lib
 from ..errors import SnapshotError

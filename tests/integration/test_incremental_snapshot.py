@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from test_fork import COUNTER, MARK, _advance, _counter_kernel
 
 from kvmpy.errors import SnapshotError
 from kvmpy.machine import MachineConfig, build
 from kvmpy.snapshot import Snapshot, restore_machine
 from kvmpy.snapshot_chain import merge, snapshot
-
-from test_fork import COUNTER, MARK, _advance, _counter_kernel
 
 
 @pytest.fixture

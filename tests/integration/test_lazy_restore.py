@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from test_fork import MARK, _advance, _counter_kernel
 
 from kvmpy import lazy
 from kvmpy.machine import MachineConfig, build
 from kvmpy.snapshot import Snapshot, restore_machine, take_snapshot
-
-from test_fork import COUNTER, MARK, _advance, _counter_kernel
 
 pytestmark = pytest.mark.skipif(lazy.unavailable() is not None, reason=f"userfaultfd: {lazy.unavailable()}")
 

@@ -9,7 +9,7 @@ import pytest
 
 from kvmpy.errors import SnapshotCorruptError
 from kvmpy.snapshot import MANIFEST, Snapshot, SnapshotData
-from kvmpy.snapshot_chain import chain, manifest_digest, map_chain, merge
+from kvmpy.snapshot_chain import chain, manifest_digest, merge
 
 PAGE = 4096
 SIZE = 16 * PAGE
@@ -35,7 +35,7 @@ def snaps(tmp_path):
     ram = bytearray(b"".join(_page(i) for i in range(16)))
     s0 = _full(tmp_path / "s0", ram)
     s1 = _incremental(tmp_path / "s1", s0, {3: 0xA1, 4: 0xA2})
-    s2 = _incremental(tmp_path / "s2", s1, {4: 0xB2, 15: 0xBF})
+    _incremental(tmp_path / "s2", s1, {4: 0xB2, 15: 0xBF})
     return tmp_path, ram
 
 

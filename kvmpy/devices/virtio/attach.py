@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ...bus import Bus
 from ...memory import GuestMemory

@@ -21,7 +21,8 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from ...errors import GuestMemoryError, KvmError
 from ...memory import GuestMemory
