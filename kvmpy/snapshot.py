@@ -29,8 +29,9 @@ path, a NIC's MAC and TAP host address, the vsock CID and socket path).
 Restore recreates the devices from that list (a fresh TAP for each NIC, the
 disk image reopened, not copied), `kvmpy.machine.restore` attaches them
 with ioeventfd/irqfd as at boot, and every state is loaded before any vCPU
-runs. A vsock device with open connections refuses a snapshot, and one on
-the kernel's vhost-vsock always does (the kernel holds its state).
+runs. A vsock device with open connections keeps them; its restored copy
+resets its guest's transport. One on the kernel's vhost-vsock always
+refuses (the kernel holds its state).
 
 Restore maps memory.bin MAP_PRIVATE: clones of one snapshot share its page
 cache pages until they write, so starting one costs a few ioctls and page
