@@ -72,6 +72,12 @@ class Template:
 
 
 _templates: weakref.WeakKeyDictionary[MemoryRegion, Template] = weakref.WeakKeyDictionary()
+_filled_on_fault: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
+
+
+def mark_filled_on_fault(region: MemoryRegion) -> None:
+    """The region's missing pages are not zero but filled when touched (userfaultfd: kvmpy/lazy.py)."""
+    _filled_on_fault.add(region)
 
 
 def template_of(region: MemoryRegion) -> Template | None:
@@ -168,7 +174,7 @@ def ensure_template(region: MemoryRegion) -> Template:
     else:
         fd = _new_memfd(region.size, f"kvmpy-template-{region.gpa:#x}")
         try:
-            if _is_anonymous(region):
+            if _is_anonymous(region) and region not in _filled_on_fault:
                 pm = pagemap(region)
                 _write_pages(fd, region, _runs(np.flatnonzero((pm & np.uint64(_PM_PRESENT | _PM_SWAPPED)) != 0)))
             else:
@@ -255,5 +261,5 @@ def template_regions(memory: Any) -> list[MemoryRegion]:
     return [r for r in memory if not r.readonly]
 
 
-__all__ = ["Template", "ensure_template", "map_child", "page_runs", "pagemap", "private_pages",
+__all__ = ["Template", "ensure_template", "mark_filled_on_fault", "map_child", "page_runs", "pagemap", "private_pages",
            "refresh_template", "template_of", "template_regions"]

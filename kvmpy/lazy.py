@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .cow import mark_filled_on_fault
 from .errors import GuestMemoryError, KvmError, SnapshotError
 from .memory import PAGE_SIZE, GuestMemory
 
@@ -167,6 +168,7 @@ class LazyGuestMemory(GuestMemory):
             for gpa, size, offset in layout:
                 mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
                 r = self.add_region(gpa, size, mapping=mapping)
+                mark_filled_on_fault(r)  # a fork's template must copy it all, not only present pages
                 reg = ctypes.create_string_buffer(struct.pack("<QQQQ", r.host_address, size,
                                                               UFFDIO_REGISTER_MODE_MISSING, 0), 32)
                 _ioctl(uffd, UFFDIO_REGISTER, reg, "UFFDIO_REGISTER")

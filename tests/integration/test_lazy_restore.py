@@ -75,3 +75,17 @@ def test_a_memory_file_that_never_arrives_is_reported(snap, tmp_path, kvm):
         assert "the memory file ends before it" in memory.error
     finally:
         memory.close()
+
+
+def test_a_lazily_restored_machine_forks_with_all_its_memory(snap, kvm):
+    s, count = snap
+    m, _ = lazy.restore_lazy(s, kvm=kvm)
+    try:
+        (child,) = m.fork(1)  # pages never touched yet must reach the child from the file, not as zeros
+        try:
+            assert child.memory.read(MARK, 1000) == b"lazy pages" * 100
+            assert _advance(child, count) > count
+        finally:
+            child.close()
+    finally:
+        m.close()
