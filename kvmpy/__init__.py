@@ -6,31 +6,10 @@ then x86 setup, boot loaders, devices and the assembled machine.
 """
 
 from .bus import Bus, Device, mmio_bus, pio_bus
-from .errors import (
-    BootError,
-    BusError,
-    CapabilityError,
-    GuestError,
-    GuestMemoryError,
-    KvmError,
-    KvmIoctlError,
-    KvmUnavailableError,
-)
-from .exits import (
-    DebugExit,
-    Exit,
-    ExitReason,
-    FailEntryExit,
-    HltExit,
-    InternalErrorExit,
-    IntrExit,
-    IoExit,
-    IrqWindowOpenExit,
-    MmioExit,
-    MsrExit,
-    ShutdownExit,
-    SystemEventExit,
-)
+from .errors import (BootError, BusError, CapabilityError, GuestError, GuestMemoryError, KvmError,
+                     KvmIoctlError, KvmUnavailableError)
+from .exits import (DebugExit, Exit, ExitReason, FailEntryExit, HltExit, InternalErrorExit, IntrExit,
+                    IoExit, IrqWindowOpenExit, MmioExit, MsrExit, ShutdownExit, SystemEventExit)
 from .kvm import Capability, CpuidEntry, Kvm, kvm_available
 from .memory import GuestMemory, MemoryRegion
 from .runloop import VcpuLoop

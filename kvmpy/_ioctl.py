@@ -7,8 +7,7 @@ the name in an error message is exactly the ioctl that failed.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 from ._kvm import ffi, lib
 from .errors import KvmIoctlError

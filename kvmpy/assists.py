@@ -42,8 +42,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 from ._kvm import ffi, lib
 from .errors import GuestError, GuestMemoryError

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
+from typing import Mapping
 
 
 def cache_root(env: Mapping[str, str] | None = None) -> Path:

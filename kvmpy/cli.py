@@ -17,26 +17,16 @@ import sys
 import termios
 import threading
 import tty
-from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Callable, Sequence
 
-from . import kut
 from .errors import KvmError
-from .lab import cli as lab_cli
-from .machine import (
-    DEFAULT_CMDLINE,
-    ConfigError,
-    DiskConfig,
-    Machine,
-    MachineConfig,
-    ModuleConfig,
-    NetConfig,
-    Outcome,
-    VsockConfig,
-    build,
-)
+from .machine import (DEFAULT_CMDLINE, ConfigError, DiskConfig, Machine, MachineConfig, ModuleConfig, NetConfig,
+                      Outcome, VsockConfig, build)
 from .platform import detect_backend, resolve_quirks
+from . import kut
 from .stats import stat_cli
+from .lab import cli as lab_cli
 
 ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU)
 
@@ -190,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
-def _wait(machine: Machine, timeout: float | None, console: _Console) -> Outcome:
+def _wait(machine: Machine, timeout: float | None, console: "_Console") -> Outcome:
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:

@@ -44,10 +44,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 DEFAULT_TIMEOUT = 90.0  # scripts/runtime.bash: TIMEOUT default 90s
 DEFAULT_MEMORY = 128 << 20  # QEMU's default -m

@@ -15,8 +15,8 @@ import bisect
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from ._kvm import ffi
 from .errors import GuestMemoryError

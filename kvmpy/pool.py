@@ -25,10 +25,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
 import psutil
 

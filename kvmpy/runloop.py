@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 from ._kvm import lib
 from .bus import Bus

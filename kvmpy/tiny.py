@@ -20,9 +20,8 @@ the code's start}; sources place handlers with `.org OFFSET`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from .assists import Assists
 from .bus import Bus, mmio_bus, pio_bus

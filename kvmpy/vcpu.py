@@ -13,8 +13,7 @@ import mmap
 import os
 import signal
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib

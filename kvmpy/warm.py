@@ -34,9 +34,8 @@ dirty pages back keeps KVM's mappings (scripts/bench_microvm.py measures both).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from ._kvm import ffi, lib
 from .dirty import DirtyLogMode

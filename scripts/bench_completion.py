@@ -19,9 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from guests import tiny_guest  # noqa: E402
-
 import kvmpy  # noqa: E402
+from guests import tiny_guest  # noqa: E402
 from kvmpy.assists import Assists  # noqa: E402
 
 CASES = [

@@ -147,12 +147,13 @@ def main() -> int:
         "ratio always/blk |",
         "| --- | --- | --- | --- | --- | --- |",
         *rows, "",
-        f"`scripts/bench_fs.py --files {args.files} --size {args.size} --repeat {args.repeat}`. Each file costs virtio-fs several FUSE "
+        "`scripts/bench_fs.py --files {0} --size {1} --repeat {2}`. Each file costs virtio-fs several FUSE "
         "requests (LOOKUP, OPEN, READ, FLUSH, RELEASE), each a round trip through the request queue to "
         "virtiofsd and an interrupt back, where ext4 on virtio-blk reads directory and inode blocks for many "
         "files per request; the guest kernel code of every round trip runs emulated on this backend. With "
         "cache=auto virtiofsd opens files without FOPEN_KEEP_CACHE, so the guest drops a file's cached pages "
-        "at each open and a warm read costs what a cold one does; cache=always keeps them.", ""])
+        "at each open and a warm read costs what a cold one does; cache=always keeps them.".format(
+            args.files, args.size, args.repeat), ""])
     print(section)
     if args.write_docs:
         update_section(HEADING, section)

@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import kvmpy
 from perfdoc import update_section
 
-import kvmpy
 from kvmpy.platform import Backend, detect_backend
 from kvmpy.x86 import modes
 from kvmpy.x86.asm import assemble

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guests import Guest, tiny_guest  # noqa: E402
-
 import kvmpy  # noqa: E402
+from guests import Guest, tiny_guest  # noqa: E402
 
 _INTEGRATION = Path(__file__).resolve().parent / "integration"
 _KVM_REASON: str | None | bool = False  # False: not probed yet

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from collections.abc import Mapping
+from typing import Mapping
 
 from kvmpy.x86.asm import assemble
 

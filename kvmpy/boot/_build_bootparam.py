@@ -14,6 +14,7 @@ root) it builds the module in place, next to this file.
 
 from __future__ import annotations
 
+
 import cffi
 
 ffibuilder = cffi.FFI()

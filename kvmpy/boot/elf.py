@@ -7,8 +7,8 @@ System V gABI and the x86-64 psABI define the fields read here.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Iterable
 
 from ..errors import BootError
 from ..memory import GuestMemory

@@ -21,9 +21,9 @@ import hashlib
 import stat
 import struct
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator, Mapping
 
 from ..cache import cache_root, store
 

@@ -11,8 +11,8 @@ base memory (where Linux's smp_scan_config looks: 639 KiB), and the kernel at
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Iterable
 
 from ..errors import BootError
 

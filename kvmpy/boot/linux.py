@@ -15,26 +15,15 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 from ..errors import BootError
 from ..memory import GuestMemory
 from . import layout
-from .elf import (
-    ELF_MAGIC,
-    ELFCLASS32,
-    ELFCLASS64,
-    EM_X86_64,
-    ElfImage,
-    _check_in_ram,
-    _ram_text,
-    load_elf_segments,
-    parse_elf,
-    pvh_entry_point,
-)
+from .elf import (ELF_MAGIC, ELFCLASS32, ELFCLASS64, EM_X86_64, ElfImage, _check_in_ram, _ram_text,
+                  load_elf_segments, parse_elf, pvh_entry_point)
 from .entry import BootEntry
 from .layout import E820Entry, align_down, align_up, e820_map, in_usable_ram
 from .multiboot import find_multiboot_header

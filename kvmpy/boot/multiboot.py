@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 from ..errors import BootError
 from ..memory import GuestMemory
 from . import layout
+from .layout import E820Entry, align_up, e820_map, in_usable_ram
 from .elf import ELF_MAGIC, ELFCLASS32, ELFCLASS64, EM_386, EM_X86_64, load_elf_segments, parse_elf
 from .entry import BootEntry
-from .layout import E820Entry, align_up, e820_map, in_usable_ram
 
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002  # in EAX at entry

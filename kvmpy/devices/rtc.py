@@ -19,7 +19,7 @@ from __future__ import annotations
 import calendar
 import threading
 import time
-from collections.abc import Callable
+from typing import Callable
 
 INDEX, DATA = 0, 1
 SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR = 0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09

@@ -23,7 +23,7 @@ machine for test kernels (`kvmpy.kut`). Behaviour follows QEMU's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Callable
 
 DEBUG_EXIT_PORT = 0xF4
 DEBUG_EXIT_SIZE = 4
@@ -66,7 +66,7 @@ class DebugExit:
 class _Scratch:
     """The 32-bit pc-testdev I/O register; `byte_wide` splits wider accesses into bytes."""
 
-    def __init__(self, owner: PcTestDev, byte_wide: bool) -> None:
+    def __init__(self, owner: "PcTestDev", byte_wide: bool) -> None:
         self.owner = owner
         self.byte_wide = byte_wide
 
@@ -84,7 +84,7 @@ class _Scratch:
 
 
 class _Flush:
-    def __init__(self, owner: PcTestDev) -> None:
+    def __init__(self, owner: "PcTestDev") -> None:
         self.owner = owner
 
     def read(self, offset: int, size: int) -> int:
@@ -95,7 +95,7 @@ class _Flush:
 
 
 class _IrqLines:
-    def __init__(self, owner: PcTestDev) -> None:
+    def __init__(self, owner: "PcTestDev") -> None:
         self.owner = owner
 
     def read(self, offset: int, size: int) -> int:
@@ -107,7 +107,7 @@ class _IrqLines:
 
 
 class _IoMem:
-    def __init__(self, owner: PcTestDev) -> None:
+    def __init__(self, owner: "PcTestDev") -> None:
         self.owner = owner
 
     def read(self, offset: int, size: int) -> int:

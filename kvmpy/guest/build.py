@@ -32,10 +32,9 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Mapping, Protocol, Sequence
 
 from ..cache import cache_root
 
@@ -84,7 +83,7 @@ class ConfigFragmentError(GuestBuildError):
 class DroppedOptionsError(GuestBuildError):
     """kconfig silently dropped or changed options of the fragment."""
 
-    def __init__(self, dropped: Sequence[DroppedOption], config_path: Path | str) -> None:
+    def __init__(self, dropped: Sequence["DroppedOption"], config_path: Path | str) -> None:
         self.dropped = list(dropped)
         lines = "\n".join(f"  {d.describe()}" for d in self.dropped)
         super().__init__(
@@ -204,7 +203,7 @@ class SourceTarball:
     mtime_ns: int
 
     @classmethod
-    def from_path(cls, path: Path) -> SourceTarball:
+    def from_path(cls, path: Path) -> "SourceTarball":
         st = path.stat()
         return cls(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
@@ -267,7 +266,7 @@ class KernelArtifacts:
     build_seconds: float
 
     @classmethod
-    def load(cls, directory: Path) -> KernelArtifacts:
+    def load(cls, directory: Path) -> "KernelArtifacts":
         manifest_path = directory / MANIFEST_NAME
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -364,11 +363,7 @@ class RichReporter:
 
     def __init__(self) -> None:
         from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
+            BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
             TimeElapsedColumn,
         )
 
@@ -424,7 +419,7 @@ class BuildPaths:
     artifact_dir: Path
 
     @classmethod
-    def for_inputs(cls, root: Path, source: SourceTarball, key: str) -> BuildPaths:
+    def for_inputs(cls, root: Path, source: SourceTarball, key: str) -> "BuildPaths":
         return cls(
             root=root,
             source_dir=root / "linux-src" / f"{source.stem}-{source.key()}",
@@ -639,7 +634,7 @@ class _BuildLock:
         self._path = root / "build.lock"
         self._fd: int | None = None
 
-    def __enter__(self) -> _BuildLock:
+    def __enter__(self) -> "_BuildLock":
         self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self

@@ -19,10 +19,9 @@ The MMIO device and its ioeventfd are also written from guest user mode
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .._kvm import ffi
 from ..kvm import Kvm

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._kvm import lib
 from ..exits import Exit, InternalErrorExit, ShutdownExit
+from .._kvm import lib
 from ..kvm import Kvm
 from ..platform import detect_backend
 from ..stats.api import measure

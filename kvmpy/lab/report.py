@@ -8,9 +8,8 @@ tables, cells as plain values). Cells are ints, floats, strings or None
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 Cell = Any  # int | float | str | None
 

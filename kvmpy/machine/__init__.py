@@ -13,20 +13,8 @@ state.py    `MachineState`: what each component saved
 """
 
 from .builder import DeviceError, build, device_configs, kernel_cmdline, make_devices, restore
-from .config import (
-                     DEFAULT_CMDLINE,
-                     DEFAULT_MEMORY,
-                     MAX_CMDLINE,
-                     TEST_DEVICES,
-                     ConfigError,
-                     DiskConfig,
-                     MachineConfig,
-                     ModuleConfig,
-                     NetConfig,
-                     ShareConfig,
-                     VsockConfig,
-                     memory_problem,
-)
+from .config import (DEFAULT_CMDLINE, DEFAULT_MEMORY, MAX_CMDLINE, TEST_DEVICES, ConfigError, DiskConfig,
+                     MachineConfig, ModuleConfig, NetConfig, ShareConfig, VsockConfig, memory_problem)
 from .machine import ConsoleLog, Ending, Machine, Outcome, Status
 from .state import MachineState
 

@@ -27,9 +27,8 @@ component's saved state instead of 5-6.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
 from .._kvm import lib
 from ..assists import Assists

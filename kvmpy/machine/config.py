@@ -19,10 +19,9 @@ import dataclasses
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from ..boot.linux import VMLINUX_CMDLINE_SIZE
 from ..errors import BootError

@@ -25,10 +25,9 @@ import enum
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from ..bus import Bus
 from ..devices.i8042 import I8042

@@ -29,6 +29,7 @@ import struct
 import threading
 
 import psutil
+
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 

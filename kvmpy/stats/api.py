@@ -20,9 +20,8 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from .kvmstats import StatsFd, Value, delta
 

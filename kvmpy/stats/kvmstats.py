@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 from .._kvm import ffi, lib
 from ..errors import KvmError

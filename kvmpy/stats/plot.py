@@ -8,9 +8,8 @@ from a time series of snapshots (plain data, testable without matplotlib);
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .accounting import NBUCKETS
 

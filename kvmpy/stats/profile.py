@@ -28,10 +28,9 @@ from __future__ import annotations
 import bisect
 import struct
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .._kvm import ffi, lib
 from .accounting import ExitAccounting, reason_name

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, Iterable
 
 from .._kvm import lib
 from .profile import SymbolTable

@@ -24,10 +24,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from select import select as wait_readable
-from typing import Any
+from typing import Any, Iterable
 
 from ..errors import KvmError
 from .control import ControlClient, SocketInfo, list_sockets

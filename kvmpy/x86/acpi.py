@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable
+from typing import Callable
 
 from ..memory import GuestMemory
 
@@ -111,7 +111,7 @@ class Pm1Registers:
     as firmware does after a wake event (ACPI 1.0b, 9.3.2).
     """
 
-    def __init__(self, on_sleep: Callable[[int], None] | None = None) -> None:
+    def __init__(self, on_sleep: "Callable[[int], None] | None" = None) -> None:
         self.data = bytearray(8)  # 0-1 status, 2-3 enable, 4-5 control
         self.on_sleep = on_sleep
 

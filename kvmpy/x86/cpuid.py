@@ -8,8 +8,8 @@ Firecracker do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import replace
+from typing import Iterable
 
 from ..kvm import CpuidEntry
 

@@ -13,9 +13,8 @@ Intel SDM vol. 3A, 3.4.5 (segment descriptors), 6.14 (64-bit IDT gates),
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from ..boot.layout import GDT_ADDR, IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, TSS_ADDR
 from ..memory import GuestMemory

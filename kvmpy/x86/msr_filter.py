@@ -21,8 +21,7 @@ too); kvmpy filters those and faults every access.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from .._kvm import lib
 from ..errors import SnapshotError

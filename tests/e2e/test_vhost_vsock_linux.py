@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from vsock_client import build_vsock_client, serve_one, set_connect_timeout, vhost_device_on_a_free_cid
 
 from kvmpy.boot.initramfs import INIT_MARKER, busybox_initramfs
 from kvmpy.devices.virtio.vsock import VhostVsockDevice, vhost_vsock_available
 from kvmpy.machine import DEFAULT_CMDLINE, MachineConfig, build
+from vsock_client import build_vsock_client, serve_one, set_connect_timeout, vhost_device_on_a_free_cid
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.kvm,

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from vsock_client import build_vsock_client, serve_one
 
 from kvmpy.boot.initramfs import INIT_MARKER
 from kvmpy.disk import ext4_mount_count, make_ext4_image, populate_busybox_root, read_file_from_image
 from kvmpy.machine import DEFAULT_CMDLINE, MachineConfig, build
+from vsock_client import build_vsock_client, serve_one
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm]
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from guests import tiny_guest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from native import ARITH_FLAGS, NativeRunner, defined, pack_state, state_function, unpack_state
 
+from kvmpy.platform import Backend, detect_backend
+from hypothesis import given, settings, strategies as st
+
+from guests import tiny_guest
 from kvmpy.assists import Assists
 from kvmpy.errors import GuestError
 from kvmpy.exits import HltExit
-from kvmpy.platform import Backend, detect_backend
 from kvmpy.runloop import VcpuLoop
 from kvmpy.x86 import modes
+from native import ARITH_FLAGS, NativeRunner, defined, pack_state, state_function, unpack_state
 
 STATE_GPA = 0x8000
 BUF_GPA = 0x8800

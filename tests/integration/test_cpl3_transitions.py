@@ -15,8 +15,8 @@ import pytest
 from kvmpy._kvm import lib
 from kvmpy.exits import DebugExit, HltExit
 from kvmpy.platform import Backend, detect_backend
-from kvmpy.stats import profile
 from kvmpy.x86 import modes
+from kvmpy.stats import profile
 from kvmpy.x86.syscall_trap import TRAP_VA, SyscallTrap
 
 PVM = detect_backend() is Backend.PVM

@@ -197,7 +197,6 @@ def test_bios_state_routes_pic_irqs_to_the_pc_vectors_in_real_mode(guest):
     # vector 0x70 + 3 through the slave 8259 and the BSP's ExtINT LINT0; IRQ 10, for which the
     # guest installed nothing, goes to the default handler, which EOIs and returns.
     from guests import write_ivt
-
     from kvmpy.x86 import firmware
 
     g = guest("16", REAL_MODE_GUEST, irqchip=True, extra_regions={"bios": {"gpa": 0xF0000, "size": 0x10000}})

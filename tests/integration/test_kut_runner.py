@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from kut_kernels import build_kernel, build_tree
 
+from kut_kernels import build_kernel, build_tree
 from kvmpy.errors import KvmError
 from kvmpy.kut import KutMachine, _cpuid_table, run_kvm_unit_tests
 from kvmpy.platform import Backend, detect_backend

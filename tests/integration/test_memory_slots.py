@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from guests import RecordingPort
 
+from guests import RecordingPort
 from kvmpy.errors import GuestMemoryError
 from kvmpy.exits import HltExit
 from kvmpy.x86 import modes

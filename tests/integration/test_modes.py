@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from guests import MMIO_HOLE, RecordingPort, tiny_guest
 
+from guests import MMIO_HOLE, RecordingPort, tiny_guest
 from kvmpy.exits import HltExit
 
 MODES = ["16", "32", "64"]

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvmpy.exits import HltExit
-from kvmpy.x86.msr_filter import (
-    MSR_IA32_FLUSH_CMD,
-    MSR_IA32_PRED_CMD,
-    MSR_IA32_SPEC_CTRL,
-    MsrFilter,
-    fault_absent_feature_msrs,
-)
+from kvmpy.x86.msr_filter import (MSR_IA32_FLUSH_CMD, MSR_IA32_PRED_CMD, MSR_IA32_SPEC_CTRL, MsrFilter,
+                                  fault_absent_feature_msrs)
 
 REPORT = 4  # port 0x14: offset 4 of the recording port at 0x10
 GP = 13

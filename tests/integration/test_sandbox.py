@@ -9,15 +9,8 @@ import psutil
 import pytest
 
 from kvmpy import sandbox
-from kvmpy.sandbox import (
-    BudgetExceeded,
-    CompileError,
-    GuestAbort,
-    GuestFault,
-    GuestFunction,
-    MemoryLimitExceeded,
-    SandboxError,
-)
+from kvmpy.sandbox import (BudgetExceeded, CompileError, GuestAbort, GuestFault, GuestFunction,
+                           MemoryLimitExceeded, SandboxError)
 
 MUL = "long guest_main(long a, long b) { return a * b; }"
 

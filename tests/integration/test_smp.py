@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 from guests import RecordingPort, add_vcpu
-
 from kvmpy.bus import pio_bus
 from kvmpy.exits import HltExit
 from kvmpy.runloop import VcpuLoop

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+
 from guests import MMIO_HOLE, RecordingPort
 
 from kvmpy import ExitReason

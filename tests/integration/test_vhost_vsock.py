@@ -21,14 +21,14 @@ import threading
 import time
 
 import pytest
-from virtio_driver import Driver
-from vsock_client import set_connect_timeout, vhost_device_on_a_free_cid
 
 from kvmpy.devices.virtio.iothread import IoThread
 from kvmpy.devices.virtio.mmio import VIRTIO_F_VERSION_1, MmioTransport, Register, SnapshotRefused
 from kvmpy.devices.virtio.vsock import HDR, HDR_SIZE, HOST_CID, Op, VhostVsockDevice, vhost_vsock_available
 from kvmpy.errors import VsockCidInUseError
 from kvmpy.memory import GuestMemory
+from virtio_driver import Driver
+from vsock_client import set_connect_timeout, vhost_device_on_a_free_cid
 
 pytestmark = pytest.mark.skipif(not vhost_vsock_available(),
                                 reason="no /dev/vhost-vsock on this host (modprobe vhost_vsock)")

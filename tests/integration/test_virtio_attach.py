@@ -14,12 +14,11 @@ import os
 import select
 import time
 
-from virtio_driver import Allocator, Driver
-
 from kvmpy.devices.virtio.attach import attach_virtio, gsis
 from kvmpy.devices.virtio.iothread import IoThread
 from kvmpy.devices.virtio.mmio import Register
 from kvmpy.devices.virtio.rng import EntropyDevice
+from virtio_driver import Allocator, Driver
 
 BASE = 0xD0000  # in the tiny guests' legacy hole: no memory slot, so MMIO
 NOTIFY = BASE + Register.QUEUE_NOTIFY

@@ -15,15 +15,15 @@ import os
 import signal
 import time
 
-import fuse_client as fc
 import pytest
-from virtio_driver import Driver
 
+import fuse_client as fc
 from kvmpy.devices.virtio.fs import VirtioFsDevice
 from kvmpy.devices.virtio.iothread import IoThread
 from kvmpy.devices.virtio.mmio import DeviceStatus, MmioTransport, SnapshotRefused
 from kvmpy.memory import GuestMemory
 from kvmpy.virtiofsd import ShareConfig, VirtiofsdError, find_virtiofsd
+from virtio_driver import Driver
 
 try:
     find_virtiofsd()

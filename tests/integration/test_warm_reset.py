@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from kvmpy._kvm import ffi
+
 from kvmpy.dirty import DirtyLogMode
 from kvmpy.errors import KvmError
 from kvmpy.exits import HltExit

@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-
 from kvmpy._kvm import lib
+
 from kvmpy.dirty import DirtyLogMode
 from kvmpy.sandbox import PROLOGUE_ADDR, BudgetExceeded, GuestFault, GuestFunction
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from native import ARITH_FLAGS, NativeRunner, defined
+from hypothesis import given, settings, strategies as st
 
 from kvmpy.memory import GuestMemory
 from kvmpy.x86 import modes
 from kvmpy.x86.decode import Decoder, effective_address, read_register, write_register
 from kvmpy.x86.emulate import UnicornExecutor, page_fault_error_code
+from native import ARITH_FLAGS, NativeRunner, defined
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 

@@ -5,19 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvmpy._kvm import ffi, lib
-from kvmpy.exits import (
-    Exit,
-    ExitReason,
-    HltExit,
-    InternalError,
-    InternalErrorExit,
-    IoExit,
-    MmioExit,
-    MsrExit,
-    SystemEvent,
-    SystemEventExit,
-    decode,
-)
+from kvmpy.exits import (Exit, ExitReason, HltExit, InternalError, InternalErrorExit, IoExit, MmioExit,
+                         MsrExit, SystemEvent, SystemEventExit, decode)
 
 PAGE = 4096
 DATA_OFFSET = PAGE  # where KVM puts port I/O data: the page after struct kvm_run

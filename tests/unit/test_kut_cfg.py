@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.kut import KutTest, Result, format_table, parse_qemu_params, parse_unittests_cfg, pre_skip, verdict_of
+from kvmpy.kut import (KutTest, format_table, parse_qemu_params, parse_unittests_cfg, pre_skip,
+                       verdict_of, Result)
 
 CFG = '''
 ##############################################################################

@@ -21,19 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 from kvmpy.boot import layout
-from kvmpy.boot.linux import (
-    HDRS_MAGIC,
-    XEN_HVM_START_MAGIC_VALUE,
-    BootEntry,
-    HvmMemmapTableEntry,
-    HvmModlistEntry,
-    ffi,
-    kernel_info,
-    lib,
-    load_linux,
-    read_boot_params,
-    read_hvm_start_info,
-)
+from kvmpy.boot.linux import (HDRS_MAGIC, XEN_HVM_START_MAGIC_VALUE, BootEntry,
+                              HvmMemmapTableEntry, HvmModlistEntry, ffi, kernel_info, lib,
+                              load_linux, read_boot_params, read_hvm_start_info)
 from kvmpy.errors import BootError
 from kvmpy.memory import GuestMemory
 

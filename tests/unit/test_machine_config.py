@@ -8,16 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.machine import (
-    ConfigError,
-    DeviceError,
-    DiskConfig,
-    MachineConfig,
-    ModuleConfig,
-    NetConfig,
-    VsockConfig,
-    make_devices,
-)
+from kvmpy.machine import (ConfigError, DeviceError, DiskConfig, MachineConfig, ModuleConfig, NetConfig, VsockConfig,
+                           make_devices)
 from kvmpy.microvm import MicroVM, MicroVMConfig, VmStateError
 
 

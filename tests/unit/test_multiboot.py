@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 from kvmpy.boot.linux import kernel_info, parse_elf
-from kvmpy.boot.multiboot import INFO_ADDR, MULTIBOOT_BOOTLOADER_MAGIC, load_multiboot
+from kvmpy.boot.multiboot import (INFO_ADDR, MULTIBOOT_BOOTLOADER_MAGIC,
+                                  load_multiboot)
 from kvmpy.errors import BootError
 from kvmpy.memory import GuestMemory
 

@@ -4,24 +4,8 @@ from __future__ import annotations
 
 import calendar
 
-from kvmpy.devices.rtc import (
-    B_BINARY,
-    B_SET,
-    CENTURY,
-    DATA,
-    DAY,
-    HOURS,
-    INDEX,
-    MINUTES,
-    MONTH,
-    REG_A,
-    REG_B,
-    REG_C,
-    REG_D,
-    SECONDS,
-    YEAR,
-    CmosRtc,
-)
+from kvmpy.devices.rtc import (B_BINARY, B_SET, DATA, DAY, HOURS, INDEX, MINUTES, MONTH, REG_A, REG_B,
+                               REG_C, REG_D, SECONDS, YEAR, CENTURY, CmosRtc)
 
 # 2026-12-02 03:04:05 UTC
 NOW = calendar.timegm((2026, 12, 2, 3, 4, 5, 0, 0, 0))

@@ -9,14 +9,8 @@ import pytest
 
 from kvmpy._kvm import ffi
 from kvmpy.blobs import from_blob, to_blob
-from kvmpy.snapshot import (
-    FORMAT_VERSION,
-    Snapshot,
-    SnapshotCorruptError,
-    SnapshotData,
-    SnapshotError,
-    SnapshotVersionError,
-)
+from kvmpy.snapshot import (FORMAT_VERSION, Snapshot, SnapshotCorruptError, SnapshotData, SnapshotError,
+                            SnapshotVersionError)
 
 PAGE = 4096
 

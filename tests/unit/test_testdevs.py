@@ -104,6 +104,7 @@ def test_pm1_control_write_with_slp_en_requests_the_sleep_type():
 
 
 def test_cmos_rtc_uip_toggles_and_reg_c_clears():
+    import time
 
     from kvmpy.devices.rtc import CmosRtc
     now = [1000.5]

@@ -20,19 +20,9 @@ import threading
 import pytest
 
 from kvmpy.devices.virtio.vhost_user import (
-    FRONTEND_PROTOCOL_FEATURES,
-    VHOST_USER_F_PROTOCOL_FEATURES,
-    ProtocolFeature,
-    Request,
-    VhostUserError,
-    VhostUserFrontend,
-    VhostUserMemoryRegion,
-    encode_header,
-    encode_mem_table,
-    encode_vring_addr,
-    encode_vring_file,
-    encode_vring_state,
-)
+    FRONTEND_PROTOCOL_FEATURES, VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, Request, VhostUserError,
+    VhostUserFrontend, VhostUserMemoryRegion, encode_header, encode_mem_table, encode_vring_addr,
+    encode_vring_file, encode_vring_state)
 
 
 def test_request_numbers_are_the_specs():

@@ -9,12 +9,12 @@ import sys
 import textwrap
 
 import pytest
-from virtio_driver import Driver
 
-from kvmpy.devices.virtio.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, BlkStatus, BlockDevice, RequestType
+from kvmpy.devices.virtio.blk import (VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, BlkStatus, BlockDevice, RequestType)
 from kvmpy.devices.virtio.mmio import MmioTransport
 from kvmpy.disk import DiskImageError, ext4_mount_count, make_ext4_image, read_file_from_image
 from kvmpy.memory import GuestMemory
+from virtio_driver import Driver
 
 SECTORS = 64
 

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from virtio_driver import Driver
 
-from kvmpy.devices.virtio.mmio import (
-    MAGIC_VALUE,
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    DeviceStatus,
-    MmioTransport,
-    Register,
-    VirtioDevice,
-)
+from kvmpy.devices.virtio.mmio import (MAGIC_VALUE, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+                                       DeviceStatus, MmioTransport, Register, VirtioDevice)
 from kvmpy.devices.virtio.rng import EntropyDevice
 from kvmpy.memory import GuestMemory
+from virtio_driver import Driver
 
 S = DeviceStatus
 

@@ -12,12 +12,12 @@ import socket
 import struct
 
 import pytest
-from virtio_driver import Driver
 
 from kvmpy.devices.virtio.iothread import IoThread
 from kvmpy.devices.virtio.mmio import MmioTransport
-from kvmpy.devices.virtio.net import NET_HDR_SIZE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, NetDevice, parse_mac
+from kvmpy.devices.virtio.net import (NET_HDR_SIZE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, NetDevice, parse_mac)
 from kvmpy.memory import GuestMemory
+from virtio_driver import Driver
 
 HDR = bytes(NET_HDR_SIZE)
 FRAME = bytes.fromhex("ffffffffffff525400123456 0806".replace(" ", "")) + b"arp-ish payload"

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from kvmpy.devices.virtio.fs import CONFIG, NUM_REQUEST_QUEUES
 from kvmpy.microvm import ConfigError, MicroVMConfig
-from kvmpy.virtiofsd import (
-    CacheMode,
-    Flavour,
-    ShareConfig,
-    ShareError,
-    VirtiofsdBinary,
-    VirtiofsdError,
-    daemon_argv,
-    find_virtiofsd,
-    parse_share_arg,
-    validate_shares,
-)
+from kvmpy.virtiofsd import (CacheMode, Flavour, ShareConfig, ShareError, VirtiofsdBinary, VirtiofsdError,
+                             daemon_argv, find_virtiofsd, parse_share_arg, validate_shares)
 
 
 def test_plain_dir_takes_its_name_as_tag(tmp_path):

@@ -9,15 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmpy.devices.virtio.mmio import MmioTransport
-from kvmpy.devices.virtio.queue import (
-    VIRTQ_AVAIL_F_NO_INTERRUPT,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-    ChainError,
-    QueueError,
-    Virtqueue,
-)
+from kvmpy.devices.virtio.queue import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+                                        VIRTQ_DESC_F_WRITE, ChainError, QueueError, Virtqueue)
 from kvmpy.devices.virtio.rng import EntropyDevice
 from kvmpy.memory import GuestMemory
 

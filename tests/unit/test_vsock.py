@@ -12,12 +12,12 @@ import socket
 import time
 
 import pytest
-from virtio_driver import Driver
 
 from kvmpy.devices.virtio.iothread import IoThread
 from kvmpy.devices.virtio.mmio import MmioTransport
 from kvmpy.devices.virtio.vsock import BUF_ALLOC, HDR, HDR_SIZE, HOST_CID, Op, VsockDevice
 from kvmpy.memory import GuestMemory
+from virtio_driver import Driver
 
 GUEST_CID = 3
 GUEST_BUF = 64 << 10

@@ -32,6 +32,7 @@ carry on.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import struct
 from typing import TYPE_CHECKING
@@ -39,24 +40,12 @@ from typing import TYPE_CHECKING
 from ...errors import KvmError
 from ...memory import GuestMemory
 from ...virtiofsd import ShareConfig, Virtiofsd, validate_share
-from .mmio import (
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    DeviceId,
-    SnapshotRefused,
-    VirtioDevice,
-)
+from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
+                   VirtioDevice)
 from .queue import QueueError
 from .vhost import BackendVrings
-from .vhost_user import (
-    FRONTEND_PROTOCOL_FEATURES,
-    VHOST_USER_F_PROTOCOL_FEATURES,
-    ProtocolFeature,
-    VhostUserError,
-    VhostUserFrontend,
-    VhostUserMemoryRegion,
-)
+from .vhost_user import (FRONTEND_PROTOCOL_FEATURES, VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature,
+                         VhostUserError, VhostUserFrontend, VhostUserMemoryRegion)
 
 if TYPE_CHECKING:
     from .iothread import IoThread

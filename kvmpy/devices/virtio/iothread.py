@@ -19,7 +19,7 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable
+from typing import Callable
 
 log = logging.getLogger("kvmpy.virtio")
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from ...errors import GuestMemoryError, KvmError
 from ...memory import GuestMemory

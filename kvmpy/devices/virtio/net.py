@@ -30,14 +30,8 @@ import select
 import struct
 from typing import TYPE_CHECKING, Any
 
-from .mmio import (
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    DeviceId,
-    SnapshotRefused,
-    VirtioDevice,
-)
+from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
+                   VirtioDevice)
 
 if TYPE_CHECKING:
     from .iothread import IoThread

@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import os
 
-from .mmio import (
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    DeviceId,
-    SnapshotRefused,
-    VirtioDevice,
-)
+from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
+                   VirtioDevice)
 
 QUEUE_SIZE = 64
 MAX_REQUEST = 64 << 10

@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..._ioctl import ioctl, ioctl_int, open_device
 from ..._kvm import ffi

@@ -30,8 +30,8 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from ...errors import KvmError
 

@@ -50,14 +50,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ...errors import KvmError, VhostUnavailableError
-from .mmio import (
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    DeviceId,
-    SnapshotRefused,
-    VirtioDevice,
-)
+from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
+                   VirtioDevice)
 from .queue import QueueError
 from .vhost import VHOST_VSOCK_PATH, BackendVrings, VhostVsock, memory_table
 
