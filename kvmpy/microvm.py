@@ -243,16 +243,22 @@ class MicroVM:
 
     # -- snapshots ---------------------------------------------------------------------
 
-    def snapshot(self, directory: str | os.PathLike[str]) -> Path:
-        """Save the VM's complete state to `directory`; a running VM pauses for it and resumes."""
-        from .snapshot import take_snapshot
+    def snapshot(self, directory: str | os.PathLike[str], *, parent: str | os.PathLike[str] | None = None,
+                 track: bool = True) -> Path:
+        """Save the VM's complete state to `directory`; a running VM pauses for it and resumes.
+
+        `parent`: the VM's previous snapshot; only the pages written since are
+        saved (kvmpy/snapshot_chain.py). `track=False`: no page tracking from
+        this snapshot on (it cannot be a parent).
+        """
+        from .snapshot_chain import snapshot
 
         m = self._need("snapshot", "running", "paused")
         was_running = self.state == "running"
         if was_running:
             self.pause()
         try:
-            return take_snapshot(m, directory, meta={"expect_cursor": self._cursor})
+            return snapshot(m, directory, parent=parent, track=track, meta={"expect_cursor": self._cursor})
         finally:
             if was_running:
                 self.resume()
@@ -285,6 +291,29 @@ class MicroVM:
         else:
             machine.mark_paused()  # built, not started: resume() starts the vCPUs
             self.state = "paused"
+        return self
+
+    def fork(self, n: int = 1, *, start: bool = True, disk_for_child: Callable[[int, dict], dict] | None = None,
+             console_sinks: Sequence[Callable[[bytes], None] | None] | None = None) -> list[MicroVM]:
+        """`n` children of this VM sharing its memory copy-on-write (kvmpy/machine/fork.py), started
+        unless `start=False`; a running VM pauses for the fork and runs on."""
+        m = self._need("fork", "running", "paused")
+        machines = m.fork(n, disk_for_child=disk_for_child, console=list(console_sinks) if console_sinks else None)
+        children = []
+        for i, machine in enumerate(machines):
+            children.append(MicroVM._adopt(machine, self._cursor, console_sinks[i] if console_sinks else None, start))
+        return children
+
+    @classmethod
+    def _adopt(cls, machine: Machine, cursor: int, sink: Callable[[bytes], None] | None, start: bool) -> MicroVM:
+        """A MicroVM around a machine made elsewhere (a forked child), paused or started."""
+        self = cls.__new__(cls)
+        self.config, self.machine, self._lock = machine.config, machine, threading.Lock()
+        self.console_sink, self._cursor, self.restore_seconds = sink, cursor, None
+        self.state = "paused"
+        if start:
+            machine.start()
+            self.state = "running"
         return self
 
     def __repr__(self) -> str:

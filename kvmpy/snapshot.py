@@ -29,8 +29,9 @@ path, a NIC's MAC and TAP host address, the vsock CID and socket path).
 Restore recreates the devices from that list (a fresh TAP for each NIC, the
 disk image reopened, not copied), `kvmpy.machine.restore` attaches them
 with ioeventfd/irqfd as at boot, and every state is loaded before any vCPU
-runs. A vsock device with open connections refuses a snapshot, and one on
-the kernel's vhost-vsock always does (the kernel holds its state).
+runs. A vsock device with open connections keeps them; its restored copy
+resets its guest's transport. One on the kernel's vhost-vsock always
+refuses (the kernel holds its state).
 
 Restore maps memory.bin MAP_PRIVATE: clones of one snapshot share its page
 cache pages until they write, so starting one costs a few ioctls and page
@@ -91,6 +92,7 @@ class SnapshotData:
     console: bytes = b""
     meta: dict = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)  # more files to copy in: {name in the snapshot: source}
+    parent: dict | None = None  # an incremental snapshot's parent (kvmpy/snapshot_chain.py)
 
     def write(self, directory: str | os.PathLike[str]) -> Path:
         """Write the snapshot atomically: all of it appears at `directory`, or nothing changes there.
@@ -157,6 +159,8 @@ class SnapshotData:
             "created": time.time(), "struct_sizes": struct_sizes(), "config": self.config,
             "memory": layout, "files": files, "meta": self.meta,
         }
+        if self.parent is not None:
+            manifest["parent"] = self.parent
         _write_synced(d / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         _fsync_dir(d)
 
@@ -252,7 +256,13 @@ class Snapshot:
         return self.manifest["config"]
 
     def map_memory(self) -> GuestMemory:
-        """Guest memory backed copy-on-write by memory.bin (MAP_PRIVATE): clones share pages."""
+        """Guest memory backed copy-on-write by memory.bin (MAP_PRIVATE): clones share pages.
+
+        An incremental snapshot's memory is its chain's: kvmpy/snapshot_chain.py.
+        """
+        if self.manifest.get("parent") is not None:
+            from .snapshot_chain import map_chain
+            return map_chain(self)
         mem = GuestMemory(0)
         fd = os.open(self.directory / MEMORY_FILE, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -270,7 +280,8 @@ class Snapshot:
 
 # -- machines -----------------------------------------------------------------------
 
-def take_snapshot(machine: Machine, directory: str | os.PathLike[str], *, meta: dict | None = None) -> Path:
+def take_snapshot(machine: Machine, directory: str | os.PathLike[str], *, meta: dict | None = None,
+                  then: Callable[[Path], None] | None = None) -> Path:
     """Write a snapshot of a paused `Machine` into `directory`.
 
     The machine gathers its components' states (`Machine.snapshot_state`);
@@ -288,16 +299,30 @@ def take_snapshot(machine: Machine, directory: str | os.PathLike[str], *, meta: 
         state = machine.snapshot_state()  # refuses what a restore could not rebuild
         config = machine.config.to_dict()
         config["virtio"] = virtio
-        # A disk on an overlay: the overlay as it is now goes into the snapshot (it holds only
-        # the VM's writes), so clones can start from it while the VM writes on.
-        files = {}
-        for i, dev in enumerate(virtio):
-            if dev.get("kind") == "blk" and "overlay" in dev:
-                dev["snapshot_file"] = f"disk{i}.qcow2"
-                files[dev["snapshot_file"]] = Path(dev["overlay"]["file"])
         data = SnapshotData(config, [(r.gpa, r.mapping) for r in machine.memory], state.to_dict(),
-                            machine.console.contents(), dict(meta or {}), files)
-        return data.write(directory)
+                            machine.console.contents(), dict(meta or {}), disk_files(virtio))
+        written = data.write(directory)
+        if then is not None:
+            then(written)  # still quiesced: incremental tracking starts at exactly this memory
+        return written
+
+
+def disk_files(virtio: list[dict]) -> dict[str, Path]:
+    """The files a snapshot keeps beside its memory: for a disk on an overlay, the overlay as it is now
+    (it holds only the VM's writes), so clones start from it while the VM writes on. Marks each such
+    device config with its `snapshot_file`."""
+    files = {}
+    for i, dev in enumerate(virtio):
+        if dev.get("kind") == "blk" and "overlay" in dev:
+            dev["snapshot_file"] = f"disk{i}.qcow2"
+            files[dev["snapshot_file"]] = Path(dev["overlay"]["file"])
+    return files
+
+
+def kept_files(snap: Snapshot) -> dict[str, Path]:
+    """The files of `snap` beyond memory, state and console (disk overlays), to carry into a copy of it."""
+    return {name: snap.directory / name for name in snap.manifest["files"]
+            if name not in (MEMORY_FILE, STATE_FILE, CONSOLE_FILE)}
 
 
 @dataclass
@@ -310,12 +335,14 @@ class RestoreReport:
 
 def restore_machine(snapshot: Snapshot | str | os.PathLike[str], *,
                     console: Callable[[bytes], None] | None = None, kvm: Any = None,
-                    force_disks: bool = False) -> tuple[Machine, RestoreReport]:
+                    force_disks: bool = False, memory: GuestMemory | None = None) -> tuple[Machine, RestoreReport]:
     """A new `Machine` in the snapshot's state, its vCPUs not yet started: call `start()`.
 
     Each writable disk gets a throwaway overlay of the clone's own; a disk
     that changed since the snapshot (its fingerprint) is refused
-    (`DiskChangedError`) unless `force_disks`.
+    (`DiskChangedError`) unless `force_disks`. `memory`: guest RAM already
+    holding (or serving) the snapshot's, instead of memory.bin mapped
+    MAP_PRIVATE (kvmpy/lazy.py's userfaultfd-backed memory).
     """
     t0 = time.perf_counter()
     snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.open(snapshot)
@@ -328,7 +355,7 @@ def restore_machine(snapshot: Snapshot | str | os.PathLike[str], *,
     devices = devices_from_snapshot(virtio, directory=snap.directory, force=force_disks)
     config = dataclasses.replace(base, **device_configs(devices))
     try:
-        memory = snap.map_memory()
+        memory = snap.map_memory() if memory is None else memory
     except BaseException:
         for dev in devices:
             dev.close()

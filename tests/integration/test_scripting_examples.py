@@ -38,3 +38,18 @@ def test_warm_reset_example_shows_fresh_state_on_every_warm_call_and_a_restored_
     assert "VMs built for 20 warm calls: 1" in out
     assert "the guest changed memory: True" in out
     assert "memory as checkpointed: True" in out
+
+
+def test_fork_example_shows_children_diverging_from_the_parent():
+    out = _run("fork.py")
+    for line in ("children start at the parent's count: True", "each child counted on in its own memory: True",
+                 "no child's count reached another: True", "the parent runs on after the fork: True and no child saw "
+                 "it: True", "pages the children share with the parent (template memfd): True"):
+        assert line in out, out
+
+
+def test_incremental_snapshot_example_restores_and_merges_exactly():
+    out = _run("incremental_snapshot.py")
+    for line in ("the chain restores exactly: True", "counter as saved: True",
+                 "the merged snapshot restores the same: True"):
+        assert line in out, out

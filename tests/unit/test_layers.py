@@ -21,14 +21,15 @@ LAYERS: dict[str, int] = {
     "_build_kvm": 0,
     # one class per file descriptor, guest memory, exits, the bus and the exit loop
     "kvm": 1, "vm": 1, "vcpu": 1, "memory": 1, "exits": 1, "bus": 1, "runloop": 1,
-    "dirty": 1, "warm": 1,
+    "dirty": 1, "warm": 1, "cow": 1,
     # the pieces of a machine
     "x86": 2, "boot": 2, "devices": 2, "stats": 2, "assists": 2, "net": 2, "disk": 2, "guest": 2,
     "tiny": 2, "virtiofsd": 2, "storage": 2,
     # the assembly layer
     "machine": 3,
     # what is built on assembled machines (or on the fd layer directly)
-    "microvm": 4, "snapshot": 4, "sandbox": 4, "pool": 4, "kut": 4, "lab": 4, "jail": 4,
+    "microvm": 4, "snapshot": 4, "snapshot_chain": 4, "lazy": 4, "sandbox": 4, "pool": 4, "kut": 4, "lab": 4,
+    "jail": 4,
     # the command line
     "cli": 5,
 }

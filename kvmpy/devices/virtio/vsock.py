@@ -72,6 +72,8 @@ SHUTDOWN_RCV = 1
 SHUTDOWN_SEND = 2
 
 RX, TX, EVENT = 0, 1, 2
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0  # struct virtio_vsock_event's only id (5.10.6.7)
+EVENT_SIZE = 4  # struct virtio_vsock_event { le32 id; }
 QUEUE_SIZE = 256
 BUF_ALLOC = 256 << 10      # our receive buffer per connection, announced to the guest
 MAX_PAYLOAD = 64 << 10     # bytes per RW packet we send
@@ -421,7 +423,8 @@ class VsockDevice(VirtioVsock):
             self._fill_rx()
         elif index == RX:
             self._fill_rx()
-        # EVENT: the driver only posts buffers there; nothing to do.
+        elif index == EVENT:  # the driver posts event buffers; one may carry a pending transport reset
+            self._send_transport_reset()
 
     def activate(self) -> None:
         # A guest packet is a header and at most MAX_PAYLOAD bytes (Linux sends 64 KiB at most): a longer
@@ -539,14 +542,37 @@ class VsockDevice(VirtioVsock):
     def snapshot_config(self) -> dict:
         return {"kind": "vsock", "cid": self.guest_cid, "uds_path": self.uds_path}
 
+    _transport_reset_pending = False  # a restored device owes its guest a transport reset
+    transport_resets_sent = 0
+
     def snapshot_state(self) -> dict:
-        """Nothing beyond the queues, and only while no connection exists: host sockets cannot be saved."""
-        busy = len(self.conns) + len(self._pending_clients)
-        if busy or self.control:
-            raise SnapshotRefused(f"{self.name}: {len(self.conns)} open connection(s), "
-                                  f"{len(self._pending_clients)} half-open host client(s), {len(self.control)} "
-                                  "unsent control packet(s); close every vsock connection before a snapshot")
-        return {}
+        """Nothing beyond the queues: host sockets cannot be saved, so open connections are not.
+
+        This device's connections go on; the restored (or forked) device tells
+        its guest they are gone with a transport reset (`restore_state`).
+        """
+        return {"connections": len(self.conns)}
+
+    def restore_state(self, state: dict) -> None:
+        # The guest's sockets refer to connections this new device never had: end them all
+        # (5.10.6.7, as Firecracker does on every restore). Sent once the eventq has a buffer.
+        self._transport_reset_pending = True
+
+    def _send_transport_reset(self) -> None:
+        """VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue, if one is due and a buffer is there."""
+        if not self._transport_reset_pending or self.transport is None or not self.transport.active:
+            return
+        q = self.queues[EVENT]
+        for chain in self.chains(q):
+            if chain.writable_len < EVENT_SIZE:
+                q.add_used(chain.head, 0)
+                continue
+            chain.write(struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+            q.add_used(chain.head, EVENT_SIZE)
+            self._transport_reset_pending = False
+            self.transport_resets_sent += 1
+            break
+        self.signal_used(q)
 
     # -- lifetime ------------------------------------------------------------------
 
