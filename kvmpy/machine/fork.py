@@ -29,7 +29,10 @@ still read through to the old one.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .. import cow
@@ -51,10 +54,11 @@ def child_device_configs(configs: Sequence[dict], child: int, disk_for_child: Di
     """The parent's device configs for child `child`: writable disks through `disk_for_child`, else refused."""
     out = []
     for i, c in enumerate(configs):
-        if c.get("kind") == "blk" and not c.get("read_only"):
+        if c.get("kind") == "blk" and not c.get("read_only") and not c.get("snapshot_file"):
             if disk_for_child is None:
-                raise ForkError(f"disk {i} ({c.get('path')}) is writable: children cannot share it; make it "
-                                "read-only or pass disk_for_child=... to give each child its own disk")
+                raise ForkError(f"disk {i} ({c.get('path')}) is writable: children cannot share it; give the VM "
+                                "an overlay disk (DiskConfig(..., overlay=True), --disk IMG,overlay), make it "
+                                "read-only, or pass disk_for_child=... to give each child its own disk")
             c = dict(disk_for_child(child, dict(c)))
         out.append(c)
     return out
@@ -80,26 +84,38 @@ def fork_machine(parent: Machine, n: int, *, disk_for_child: DiskForChild | None
         configs = parent.virtio.snapshot_configs() if parent.virtio is not None else []
     except SnapshotRefused as e:
         raise ForkError(f"cannot fork: {e}") from None
-    per_child = [child_device_configs(configs, i, disk_for_child) for i in range(n)]
     sinks: list[Console | None] = list(console) if isinstance(console, (list, tuple)) else [console] * n  # type: ignore[list-item]
     if len(sinks) != n:
         raise ForkError(f"{len(sinks)} console sinks for {n} children")
-    with parent.quiesced():  # RAM, state and console of one instant
-        try:
-            state = parent.snapshot_state()
-        except SnapshotError as e:
-            raise ForkError(f"cannot fork: {e}") from None
-        log = parent.console.contents()
-        for r in parent.memory:
-            cow.refresh_template(r)
-    children: list[Machine] = []
+    frozen = Path(tempfile.mkdtemp(prefix="kvmpy-fork-disks-"))
     try:
-        for i in range(n):
-            children.append(_child(parent, state, log, per_child[i], sinks[i]))
-    except BaseException:
-        for c in children:
-            c.close()
-        raise
+        with parent.quiesced():  # RAM, state, console and disks of one instant
+            try:
+                state = parent.snapshot_state()
+            except SnapshotError as e:
+                raise ForkError(f"cannot fork: {e}") from None
+            log = parent.console.contents()
+            # A disk on an overlay: its overlay as it is now, frozen in a copy; each child writes to an
+            # overlay of its own on a copy of that (kept with the child's overlay) while the parent writes on.
+            if disk_for_child is None:
+                for i, c in enumerate(configs):
+                    if c.get("kind") == "blk" and not c.get("read_only") and "overlay" in c:
+                        copy = frozen / f"disk{i}.qcow2"
+                        shutil.copyfile(c["overlay"]["file"], copy)
+                        c["snapshot_file"], c["copy_base"] = str(copy), True
+            per_child = [child_device_configs(configs, i, disk_for_child) for i in range(n)]
+            for r in parent.memory:
+                cow.refresh_template(r)
+        children: list[Machine] = []
+        try:
+            for i in range(n):
+                children.append(_child(parent, state, log, per_child[i], sinks[i]))
+        except BaseException:
+            for c in children:
+                c.close()
+            raise
+    finally:
+        shutil.rmtree(frozen, ignore_errors=True)  # each child has its own copy of the frozen disk
     return children
 
 

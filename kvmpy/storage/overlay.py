@@ -33,15 +33,35 @@ class OverlayImage(Qcow2Image):
 
 
 def create_overlay(base: str | os.PathLike[str] | DiskImage, path: str | os.PathLike[str] | None = None, *,
-                   keep: bool = False, base_format: str | None = None, cluster_bits: int = 16) -> OverlayImage:
+                   keep: bool = False, base_format: str | None = None, cluster_bits: int = 16,
+                   copy_base: bool = False) -> OverlayImage:
     """A new qcow2 overlay on `base`, opened read-write; `base` is opened read-only (shared lock).
 
     `path=None` puts it in a fresh temp directory. Unless `keep`, the file
     is removed when the overlay is closed (a process killed before that
     leaves it behind in the temp dir). The backing file is recorded as an
     absolute path with its format, so the overlay works from any directory.
+    `copy_base` (with `path=None`): the overlay goes on a copy of `base` made
+    in that temp dir and removed with it, for a base that will change (a
+    forked VM's own overlay, which it writes on).
     """
     from . import detect_format, open_image
+
+    if copy_base:
+        if path is not None or isinstance(base, DiskImage):
+            raise StorageError("create_overlay(copy_base=True) takes a base path and no overlay path")
+        source = Path(base).resolve()
+        tempdir = Path(tempfile.mkdtemp(prefix="kvmpy-overlay-"))
+        try:
+            frozen = tempdir / f"{source.stem}.base{source.suffix}"
+            shutil.copyfile(source, frozen)
+            img = create_overlay(frozen, tempdir / f"{source.stem}.overlay.qcow2", base_format=base_format,
+                                 cluster_bits=cluster_bits)
+        except BaseException:
+            shutil.rmtree(tempdir, ignore_errors=True)
+            raise
+        img._tempdir = tempdir  # noqa: SLF001 (its own class's field: the copy goes with the overlay)
+        return img
 
     base_path = Path(base.path if isinstance(base, DiskImage) else base).resolve()
     fmt = base_format or (base.format if isinstance(base, DiskImage) else detect_format(base_path).value)

@@ -140,3 +140,38 @@ def test_a_clone_of_a_vm_still_writing_its_disk_is_refused_naming_the_holder(tmp
         img.flush()
         assert img.path != disk
     assert disk.read_bytes()[:5] == bytes(5)  # the clone's write never reached the disk
+
+
+def test_fork_children_of_a_vm_on_an_overlay_each_get_their_own_disk(tmp_path, kvm, base):
+    before = _sha(base)
+    config = MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", disks=[DiskConfig(base, overlay=True)])
+    with build(config, kvm=kvm) as m:
+        _disk(m).image.write(0, b"before fork")
+        children = m.fork(3)
+        try:
+            _disk(m).image.write(0, b"parent after")  # the parent writes on
+            for i, c in enumerate(children):
+                img = _disk(c).image
+                assert img.read(0, 11) == b"before fork"  # the disk as it was at the fork
+                img.write(4096, f"child {i}".encode())
+                img.flush()
+            for i, c in enumerate(children):
+                assert _disk(c).image.read(4096, 7) == f"child {i}".encode()
+                _check(_disk(c).image.path)
+            assert len({_disk(c).image.path for c in children} | {_disk(m).image.path}) == 4
+            assert _disk(m).image.read(4096, 5) != b"child"
+        finally:
+            for c in children:
+                c.close()
+    assert _sha(base) == before
+    _check(base)
+
+
+def test_fork_of_a_vm_writing_a_plain_disk_is_refused_saying_what_to_do(tmp_path, kvm):
+    from kvmpy.machine.fork import ForkError
+
+    disk = tmp_path / "rw.img"
+    disk.write_bytes(bytes(4 * MiB))
+    with build(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", disks=[disk]), kvm=kvm) as m:
+        with pytest.raises(ForkError, match=r"writable: children cannot share it; give the VM an overlay disk"):
+            m.fork(2)

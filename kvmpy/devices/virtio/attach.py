@@ -222,8 +222,11 @@ def _disk_from_snapshot(config: dict, directory: Any, force: bool) -> VirtioDevi
         if record is not None and not force:
             for rec in record.backing:
                 check_disk_record(rec)
-        copy = os.path.join(os.fspath(directory), config["snapshot_file"])
-        return BlockDevice(create_overlay(copy, base_format="qcow2"), serial=serial)
+        copy = (config["snapshot_file"] if directory is None
+                else os.path.join(os.fspath(directory), config["snapshot_file"]))
+        # a fork's source is the parent's live overlay: the child's overlay goes on a copy of it
+        return BlockDevice(create_overlay(copy, base_format="qcow2", copy_base=bool(config.get("copy_base"))),
+                           serial=serial)
     if record is not None and not force:
         check_disk_record(record)  # DiskChangedError naming the file and what differs
     if config["read_only"]:
