@@ -18,19 +18,15 @@ timeouts, outcomes as exceptions when asked, snapshots and restore
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .errors import KvmError
-from .machine import (ConfigError, DiskConfig, Machine, MachineConfig, NetConfig, Outcome, Status, VsockConfig,
-                      build)
+from .machine import ConfigError, DiskConfig, Machine, MachineConfig, NetConfig, Outcome, Status, VsockConfig, build
 
 
 class MicroVMError(KvmError):

@@ -430,8 +430,8 @@ class Rig:
                 raise Failure(f"vsock control queue grew to {len(self.dev.control)} packets")
             if len(self.dev.conns) > vsock.MAX_CONNECTIONS:
                 raise Failure(f"vsock has {len(self.dev.conns)} connections")
-            if len(self.dev._pending_clients) > vsock.MAX_PENDING_CLIENTS:
-                raise Failure(f"vsock has {len(self.dev._pending_clients)} half-open clients")
+            if self.dev.pending_clients > vsock.MAX_PENDING_CLIENTS:
+                raise Failure(f"vsock has {self.dev.pending_clients} half-open clients")
 
     def setup(self, features: int) -> None:
         drv = Driver(self.t, self.mem, Allocator(RINGS[0]))
@@ -795,7 +795,7 @@ class Rig:
             c.close()
         self.clients.clear()
         self.io.poll_once(0)
-        if self.kind == "vsock" and (self.dev.conns or self.dev.control or self.dev._pending_clients):
+        if self.kind == "vsock" and (self.dev.conns or self.dev.control or self.dev.pending_clients):
             raise Failure("vsock kept connections or packets across a device reset")
         self.setup(VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX)
         if not self.clean:

@@ -98,11 +98,11 @@ def fork_machine(parent: Machine, n: int, *, disk_for_child: DiskForChild | None
             # A disk on an overlay: its overlay as it is now, frozen in a copy; each child writes to an
             # overlay of its own on a copy of that (kept with the child's overlay) while the parent writes on.
             if disk_for_child is None:
-                for i, c in enumerate(configs):
-                    if c.get("kind") == "blk" and not c.get("read_only") and "overlay" in c:
+                for i, dev in enumerate(configs):
+                    if dev.get("kind") == "blk" and not dev.get("read_only") and "overlay" in dev:
                         copy = frozen / f"disk{i}.qcow2"
-                        shutil.copyfile(c["overlay"]["file"], copy)
-                        c["snapshot_file"], c["copy_base"] = str(copy), True
+                        shutil.copyfile(dev["overlay"]["file"], copy)
+                        dev["snapshot_file"], dev["copy_base"] = str(copy), True
             per_child = [child_device_configs(configs, i, disk_for_child) for i in range(n)]
             for r in parent.memory:
                 cow.refresh_template(r)

@@ -24,10 +24,10 @@ import contextlib
 import enum
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..bus import Bus
 from ..devices.console_log import ConsoleLog as BoundedConsoleLog
@@ -418,8 +418,8 @@ class Machine:
         if len(state.vcpus) != len(self.vcpus):
             raise SnapshotError(f"{len(state.vcpus)} vCPU states for {len(self.vcpus)} vCPUs")
         if (state.syscall_trap is None) != (self.syscall_trap is None):
-            raise SnapshotError(f"the state was taken with the syscall trap {'off' if state.syscall_trap is None else 'on'}; "
-                                "this host's quirks differ")
+            was = "off" if state.syscall_trap is None else "on"
+            raise SnapshotError(f"the state was taken with the syscall trap {was}; this host's quirks differ")
         self.msr_filter.restore_state(state.msr_filter)
         self.vm.restore_state(state.vm)
         refused = {vcpu.id: vcpu.restore_state(s) for vcpu, s in zip(self.vcpus, state.vcpus)}

@@ -18,11 +18,12 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from vsock_client import build_vsock_client, serve_one
 
 from kvmpy.disk import make_ext4_image
 from kvmpy.machine import DEFAULT_CMDLINE
 from kvmpy.microvm import DiskConfig, MicroVM, MicroVMConfig, VsockConfig
+
+from vsock_client import build_vsock_client, serve_one
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kvm]
 

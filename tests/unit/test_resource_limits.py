@@ -105,7 +105,7 @@ def test_vsock_half_open_host_clients_stop_at_their_limit(vsock):
         deadline = time.monotonic() + 5
         while dev.refused < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(dev._pending_clients) == MAX_PENDING_CLIENTS and dev.refused == 4
+        assert dev.pending_clients == MAX_PENDING_CLIENTS and dev.refused == 4
         assert clients[-1].recv(10) == b""  # the VMM closed the one over the limit
     finally:
         for c in clients:

@@ -11,7 +11,6 @@ import json
 import socket
 
 import pytest
-from virtio_driver import Driver
 
 from kvmpy.devices.virtio.attach import device_from_snapshot, devices_from_snapshot
 from kvmpy.devices.virtio.blk import BlockDevice
@@ -29,6 +28,8 @@ from kvmpy.devices.virtio.queue import Virtqueue
 from kvmpy.devices.virtio.rng import EntropyDevice
 from kvmpy.devices.virtio.vsock import VsockDevice
 from kvmpy.memory import GuestMemory
+
+from virtio_driver import Driver
 
 SIZE = 1 << 20
 FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC

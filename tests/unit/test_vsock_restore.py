@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import struct
 
-from test_vsock import GUEST_CID, Guest, listen, op_of
-from virtio_driver import Driver
-
 from kvmpy.devices.virtio.iothread import IoThread
 from kvmpy.devices.virtio.mmio import MmioTransport
 from kvmpy.devices.virtio.vsock import EVENT_SIZE, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, Op, VsockDevice
+
+from test_vsock import GUEST_CID, Guest, listen, op_of
+from virtio_driver import Driver
 
 
 def test_snapshot_with_an_open_connection_keeps_it_and_the_restored_device_resets_the_guest(tmp_path):

@@ -50,8 +50,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ...errors import KvmError, VhostUnavailableError
-from .mmio import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, DeviceId, SnapshotRefused,
-                   VirtioDevice)
+from .mmio import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    DeviceId,
+    SnapshotRefused,
+    VirtioDevice,
+)
 from .queue import QueueError
 from .vhost import VHOST_VSOCK_PATH, BackendVrings, VhostVsock, memory_table
 
@@ -177,6 +183,11 @@ class VsockDevice(VirtioVsock):
         self.resets_sent = 0
         self.control_dropped = 0   # control packets dropped at MAX_CONTROL_PACKETS
         self.refused = 0           # connections refused at MAX_CONNECTIONS / MAX_PENDING_CLIENTS or socket() errors
+
+    @property
+    def pending_clients(self) -> int:
+        """Host clients connected to the socket that have not yet said which guest port they want."""
+        return len(self._pending_clients)
 
     # -- host side: listener and sockets ---------------------------------------
 
