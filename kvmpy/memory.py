@@ -206,6 +206,13 @@ class GuestMemory:
     def is_ram(self, gpa: int, size: int = 1) -> bool:
         return self.region_at(gpa, size) is not None
 
+    def host_address(self, gpa: int, size: int = 1) -> int:
+        """The host virtual address of guest-physical `gpa` (for a back end given addresses, e.g. vhost)."""
+        r = self.region_at(gpa, size)
+        if r is None:
+            raise GuestMemoryError(f"GPA {gpa:#x}+{size:#x} is not guest RAM")
+        return r.host_address + (gpa - r.gpa)
+
     # -- access ---------------------------------------------------------
 
     def view(self, gpa: int, size: int) -> memoryview:

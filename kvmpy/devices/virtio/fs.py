@@ -176,10 +176,8 @@ class VirtioFsDevice(VirtioDevice):
             self.transport.set_needs_reset(f"{self.name}: {e}")
 
     def _host_address(self, gpa: int) -> int:
-        assert self.transport is not None
-        region = self.transport.memory.region_at(gpa)
-        assert region is not None  # Virtqueue.check() put every ring inside one region
-        return region.host_address + (gpa - region.gpa)
+        assert self.transport is not None  # Virtqueue.check() put every ring inside one region
+        return self.transport.memory.host_address(gpa)
 
     def _start(self) -> None:
         assert self.transport is not None
