@@ -16,7 +16,10 @@ that probes for them by the fault (kvm-unit-tests' `msr`) is misled.
 `absent_feature_msrs` reads which of them the guest's CPUID lacks, by the
 rules KVM applies on hardware (its guest_has_spec_ctrl_msr and
 guest_has_pred_cmd_msr; Intel's STIBP and SSBD bits imply IA32_SPEC_CTRL
-too); kvmpy filters those and faults every access.
+too); kvmpy filters those and faults every access. The builder asks it of
+the CPUID table it gives the vCPU (KVM_GET_CPUID2 on PVM does not always
+answer the same), before the irqchip exists: KVM_X86_SET_MSR_FILTER waits
+for an SRCU grace period, 7-15 ms here once an irqchip is there.
 """
 
 from __future__ import annotations
