@@ -128,6 +128,15 @@ class DiskImage(abc.ABC):
         return f"{type(self).__name__}({str(self.path)!r}, {self.size} bytes, {'ro' if self.readonly else 'rw'})"
 
 
+def open_fd(path: str | os.PathLike[str], readonly: bool) -> int:
+    """The image file opened for reading (and writing unless `readonly`); StorageError naming it."""
+    try:
+        return os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as e:
+        hint = "; open it read-only (,ro) for a read-only file" if e.errno == 13 and not readonly else ""
+        raise StorageError(f"disk image {path}: {e.strerror}{hint}") from None
+
+
 def views_len(views: list[memoryview]) -> int:
     return sum(len(v) for v in views)
 

@@ -43,6 +43,7 @@ from .image import (
     UnsupportedImageError,
     copy_into,
     fill_zero,
+    open_fd,
     preadv_full,
     pwritev_full,
     slice_views,
@@ -111,11 +112,7 @@ class Qcow2Image(DiskImage):
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, lock: bool = True,
                  _depth: int = 0) -> None:
         path = Path(path)
-        try:
-            fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as e:
-            hint = "; open it read-only (,ro) for a read-only file" if e.errno == 13 and not readonly else ""
-            raise StorageError(f"disk image {path}: {e.strerror}{hint}") from None
+        fd = open_fd(path, readonly)
         self.fd = fd
         self.lock: ImageLock | None = None
         try:
@@ -262,27 +259,25 @@ class Qcow2Image(DiskImage):
             raise CorruptImageError(f"{self.path}: {what} offset {off:#x} is not cluster-aligned")
         return off
 
-    def _load_l2(self, off: int) -> array:
-        table = self.l2_cache.get(off)
+    def _load_cluster_table(self, cache: dict[int, array], dirty: set[int], off: int, what: str,
+                            typecode: str) -> array:
+        """The table (an L2 table or a refcount block) at `off`, through `cache`; clean entries are
+        dropped when the cache grows past 512 tables."""
+        table = cache.get(off)
         if table is None:
-            self._check_offset(off, "L2 table")
-            if len(self.l2_cache) > 512:
-                for k in [k for k in self.l2_cache if k not in self.dirty_l2][:256]:
-                    del self.l2_cache[k]
+            self._check_offset(off, what)
+            if len(cache) > 512:
+                for k in [k for k in cache if k not in dirty][:256]:
+                    del cache[k]
             raw = os.pread(self.fd, self.cluster_size, off).ljust(self.cluster_size, b"\0")
-            table = self.l2_cache[off] = _be_array("Q", raw)
+            table = cache[off] = _be_array(typecode, raw)
         return table
 
+    def _load_l2(self, off: int) -> array:
+        return self._load_cluster_table(self.l2_cache, self.dirty_l2, off, "L2 table", "Q")
+
     def _load_rb(self, off: int) -> array:
-        block = self.rb_cache.get(off)
-        if block is None:
-            self._check_offset(off, "refcount block")
-            if len(self.rb_cache) > 512:
-                for k in [k for k in self.rb_cache if k not in self.dirty_rb][:256]:
-                    del self.rb_cache[k]
-            raw = os.pread(self.fd, self.cluster_size, off).ljust(self.cluster_size, b"\0")
-            block = self.rb_cache[off] = _be_array(self.refcount_type, raw)
-        return block
+        return self._load_cluster_table(self.rb_cache, self.dirty_rb, off, "refcount block", self.refcount_type)
 
     def l2_entry(self, guest_cluster: int) -> int:
         """The L2 entry of guest cluster `guest_cluster` (0: not allocated in this image)."""

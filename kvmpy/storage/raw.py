@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .image import DiskImage, StorageError, preadv_full, pwritev_full
+from .image import DiskImage, open_fd, preadv_full, pwritev_full
 from .lock import ImageLock
 
 
@@ -14,11 +14,7 @@ class RawImage(DiskImage):
     format = "raw"
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, lock: bool = True) -> None:
-        try:
-            fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as e:
-            hint = "; open it read-only (,ro) for a read-only file" if e.errno == 13 and not readonly else ""
-            raise StorageError(f"disk image {path}: {e.strerror}{hint}") from None
+        fd = open_fd(path, readonly)
         self.fd = fd
         self.lock: ImageLock | None = None
         try:
