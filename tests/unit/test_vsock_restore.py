@@ -14,25 +14,13 @@ from kvmpy.devices.virtio.iothread import IoThread
 from kvmpy.devices.virtio.mmio import MmioTransport
 from kvmpy.devices.virtio.vsock import EVENT_SIZE, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, Op, VsockDevice
 
-from test_vsock import GUEST_CID, Guest, listen, op_of
+from test_vsock import GUEST_CID, listen, op_of, vsock  # noqa: F401 (fixture)
 from virtio_driver import Driver
 
 
-def test_snapshot_with_an_open_connection_keeps_it_and_the_restored_device_resets_the_guest(tmp_path):
-    from kvmpy.memory import GuestMemory
-
-    mem = GuestMemory(16 << 20)
-    io = IoThread()
-    uds = str(tmp_path / "v.sock")
-    dev = VsockDevice(uds, GUEST_CID)
-    t = MmioTransport(dev, mem)
-    dev.start_io(io)
-    io.start()
-    drv = Driver(t, mem)
-    drv.setup(queue_size=64)
-    g = Guest(drv, mem)
-    for _ in range(8):
-        g.post_rx()
+def test_snapshot_with_an_open_connection_keeps_it_and_the_restored_device_resets_the_guest(vsock, tmp_path):
+    g, dev, t, uds = vsock  # test_vsock's device, driver and guest side, 16 receive buffers posted
+    mem, io, drv = g.mem, dev.iothread, g.drv
     event_q = drv.queues[2]
     head, (event_addr,) = event_q.add(in_lens=[EVENT_SIZE])
     clone = clone_t = None
@@ -61,13 +49,9 @@ def test_snapshot_with_an_open_connection_keeps_it_and_the_restored_device_reset
         event_q.add(in_lens=[EVENT_SIZE])
         assert not event_q.used_entries()
     finally:
-        with t.lock:
-            dev.close()
         if clone is not None:
             with clone_t.lock:
                 clone.close()
-        io.close()
-        mem.close()
 
 
 def test_a_restored_device_waits_for_an_event_buffer_before_the_reset(tmp_path):
