@@ -268,3 +268,36 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_snapshot(tmp_path):
         assert sorted(p.name for p in mnt.iterdir()) == ["s"]
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+KILL_AT_PUBLISH = """
+import os, shutil, signal, sys
+sys.path.insert(0, {tests!r})
+from test_snapshot_format import _data
+import kvmpy.snapshot as s
+
+real = shutil.rmtree
+def rmtree_then_die(path, *a, **k):  # the first directory removed while publishing, then the kill
+    real(path, *a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)
+s.shutil.rmtree = rmtree_then_die
+d = _data()
+d.console = b"the second snapshot\\n"
+d.write({target!r})
+"""
+
+
+def test_a_vmm_killed_while_publishing_leaves_a_whole_snapshot_in_place(tmp_path):
+    # Whatever the publish step removes first, the directory's name must never be without a
+    # whole snapshot: the old one until the swap, the new one after it.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tmp_path / "s"
+    _data().write(target)
+    tests = str(Path(__file__).resolve().parent)
+    p = subprocess.run([sys.executable, "-c", KILL_AT_PUBLISH.format(tests=tests, target=str(target))],
+                       capture_output=True, timeout=60)
+    assert p.returncode == -9, p.stderr.decode()
+    assert Snapshot.open(target).console in (b"console text\n", b"the second snapshot\n")
