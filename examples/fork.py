@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from kvmpy import cow
-from kvmpy.machine import MachineConfig, build
+from kvmpy.machine import MachineConfig, build, fork
 
 COUNTER = 0x200000
 
@@ -42,7 +42,7 @@ def main() -> None:
         with build(MachineConfig(kernel=counter_kernel(Path(tmp)), memory="64M")) as parent:
             at_fork = run_for(parent, 0.3)
             t = time.perf_counter()
-            children = parent.fork(3)
+            children = fork(parent, 3)
             per_child = (time.perf_counter() - t) / 3
             print(f"forked 3 children in {per_child * 1e3:.1f} ms each")
             print("children start at the parent's count:",

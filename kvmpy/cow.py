@@ -5,7 +5,7 @@
     pages = private_pages(region)              # pages written since (by anyone)
     refresh_template(region)                   # the template becomes the region's contents now
 
-The mechanism behind `Machine.fork` and incremental snapshots. A region's
+The mechanism behind `kvmpy.machine.fork` and incremental snapshots. A region's
 template is a memfd holding the guest RAM of one instant. The region's own
 mapping is replaced in place (mmap MAP_FIXED at the same address, so KVM's
 memory slot and every `memoryview` of it stay valid) by a MAP_PRIVATE mapping

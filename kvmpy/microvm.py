@@ -26,7 +26,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import KvmError
-from .machine import ConfigError, DiskConfig, Machine, MachineConfig, NetConfig, Outcome, Status, VsockConfig, build
+from .machine import (
+    ConfigError,
+    DiskConfig,
+    Machine,
+    MachineConfig,
+    NetConfig,
+    Outcome,
+    Status,
+    VsockConfig,
+    build,
+    fork,
+)
 
 
 class MicroVMError(KvmError):
@@ -294,7 +305,7 @@ class MicroVM:
         """`n` children of this VM sharing its memory copy-on-write (kvmpy/machine/fork.py), started
         unless `start=False`; a running VM pauses for the fork and runs on."""
         m = self._need("fork", "running", "paused")
-        machines = m.fork(n, disk_for_child=disk_for_child, console=list(console_sinks) if console_sinks else None)
+        machines = fork(m, n, disk_for_child=disk_for_child, console=list(console_sinks) if console_sinks else None)
         children = []
         for i, machine in enumerate(machines):
             children.append(MicroVM._adopt(machine, self._cursor, console_sinks[i] if console_sinks else None, start))

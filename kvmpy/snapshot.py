@@ -259,10 +259,9 @@ class Snapshot:
     def map_memory(self) -> GuestMemory:
         """Guest memory backed copy-on-write by memory.bin (MAP_PRIVATE): clones share pages.
 
-        An incremental snapshot's memory is its chain's: kvmpy/snapshot_chain.py.
+        An incremental snapshot's memory is its chain's (`map_chain`: its base's, each child's pages over it).
         """
         if self.manifest.get("parent") is not None:
-            from .snapshot_chain import map_chain
             return map_chain(self)
         mem = GuestMemory(0)
         fd = os.open(self.directory / MEMORY_FILE, os.O_RDONLY | os.O_CLOEXEC)
@@ -277,6 +276,63 @@ class Snapshot:
         finally:
             os.close(fd)
         return mem
+
+
+# -- chains of incremental snapshots (written by kvmpy/snapshot_chain.py) ---------------
+MAX_CHAIN = 256  # a deeper chain is a loop or a mistake; merge() it
+
+
+def manifest_digest(directory: Path) -> str:
+    return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+
+
+def chain(snap: Snapshot) -> list[Snapshot]:
+    """`snap` and its ancestors, newest first, each opened and checked against what its child recorded."""
+    out = [snap]
+    seen = {snap.directory.resolve()}
+    while (info := out[-1].manifest.get("parent")) is not None:
+        child = out[-1].directory
+        try:
+            path = (child / info["path"]).resolve()
+            digest = info["manifest_sha256"]
+        except (KeyError, TypeError):
+            raise SnapshotCorruptError(f"{child / MANIFEST}: incomplete parent entry {info!r}") from None
+        if path in seen or len(out) > MAX_CHAIN:
+            raise SnapshotCorruptError(f"{child}: the snapshot chain loops or is deeper than {MAX_CHAIN} "
+                                       "(merge it into a full snapshot)")
+        seen.add(path)
+        if not (path / MANIFEST).exists():
+            raise SnapshotCorruptError(f"{child}: its parent snapshot {path} is missing")
+        if manifest_digest(path) != digest:
+            raise SnapshotCorruptError(f"{child}: its parent {path} is not the snapshot it was taken from "
+                                       "(the manifest's digest differs: replaced or rewritten)")
+        out.append(Snapshot.open(path))
+    return out
+
+
+def map_chain(snap: Snapshot) -> GuestMemory:
+    """The memory of an incremental snapshot: its base's mapped MAP_PRIVATE, each child's pages over it."""
+    snaps = chain(snap)
+    base = snaps[-1]
+    layout = [{"gpa": r["gpa"], "size": r["size"]} for r in base.manifest["memory"]]
+    for s in snaps[:-1]:
+        if s.manifest["parent"].get("regions") != layout:
+            raise SnapshotCorruptError(f"{s.directory}: its memory layout differs from its base {base.directory}'s")
+    mem = base.map_memory()
+    try:
+        for s in reversed(snaps[:-1]):
+            fd = os.open(s.directory / MEMORY_FILE, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for run in s.manifest["memory"]:
+                    view = mem.view(run["gpa"], run["size"])
+                    if os.preadv(fd, [view], run["offset"]) != run["size"]:
+                        raise SnapshotCorruptError(f"{s.directory / MEMORY_FILE}: short read at {run['offset']}")
+            finally:
+                os.close(fd)
+    except BaseException:
+        mem.close()
+        raise
+    return mem
 
 
 # -- machines -----------------------------------------------------------------------

@@ -34,7 +34,6 @@ virtqueue used rings, block reads and received packets.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import weakref
 from dataclasses import dataclass
@@ -42,11 +41,20 @@ from pathlib import Path
 from typing import Any
 
 from . import cow
-from .errors import SnapshotCorruptError, SnapshotError
-from .memory import PAGE_SIZE, GuestMemory
-from .snapshot import MANIFEST, MEMORY_FILE, Snapshot, SnapshotData, disk_files, kept_files, take_snapshot
-
-MAX_CHAIN = 256  # a deeper chain is a loop or a mistake; merge() it
+from .errors import SnapshotError
+from .memory import PAGE_SIZE
+from .snapshot import (
+    MANIFEST,
+    MAX_CHAIN,
+    Snapshot,
+    SnapshotData,
+    chain,
+    disk_files,
+    kept_files,
+    manifest_digest,
+    map_chain,
+    take_snapshot,
+)
 
 
 @dataclass(frozen=True)
@@ -58,10 +66,6 @@ class Base:
 
 
 _bases: weakref.WeakKeyDictionary[Any, Base] = weakref.WeakKeyDictionary()
-
-
-def manifest_digest(directory: Path) -> str:
-    return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
 
 
 def tracked_since(machine: Any) -> Base | None:
@@ -122,55 +126,6 @@ def take_incremental(machine: Any, directory: str | os.PathLike[str], parent: st
         written = data.write(d)
         _track(machine, written, runs)
     return written
-
-
-def chain(snap: Snapshot) -> list[Snapshot]:
-    """`snap` and its ancestors, newest first, each opened and checked against what its child recorded."""
-    out = [snap]
-    seen = {snap.directory.resolve()}
-    while (info := out[-1].manifest.get("parent")) is not None:
-        child = out[-1].directory
-        try:
-            path = (child / info["path"]).resolve()
-            digest = info["manifest_sha256"]
-        except (KeyError, TypeError):
-            raise SnapshotCorruptError(f"{child / MANIFEST}: incomplete parent entry {info!r}") from None
-        if path in seen or len(out) > MAX_CHAIN:
-            raise SnapshotCorruptError(f"{child}: the snapshot chain loops or is deeper than {MAX_CHAIN} "
-                                       "(merge it into a full snapshot)")
-        seen.add(path)
-        if not (path / MANIFEST).exists():
-            raise SnapshotCorruptError(f"{child}: its parent snapshot {path} is missing")
-        if manifest_digest(path) != digest:
-            raise SnapshotCorruptError(f"{child}: its parent {path} is not the snapshot it was taken from "
-                                       "(the manifest's digest differs: replaced or rewritten)")
-        out.append(Snapshot.open(path))
-    return out
-
-
-def map_chain(snap: Snapshot) -> GuestMemory:
-    """The memory of an incremental snapshot: its base's mapped MAP_PRIVATE, each child's pages over it."""
-    snaps = chain(snap)
-    base = snaps[-1]
-    layout = [{"gpa": r["gpa"], "size": r["size"]} for r in base.manifest["memory"]]
-    for s in snaps[:-1]:
-        if s.manifest["parent"].get("regions") != layout:
-            raise SnapshotCorruptError(f"{s.directory}: its memory layout differs from its base {base.directory}'s")
-    mem = base.map_memory()
-    try:
-        for s in reversed(snaps[:-1]):
-            fd = os.open(s.directory / MEMORY_FILE, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                for run in s.manifest["memory"]:
-                    view = mem.view(run["gpa"], run["size"])
-                    if os.preadv(fd, [view], run["offset"]) != run["size"]:
-                        raise SnapshotCorruptError(f"{s.directory / MEMORY_FILE}: short read at {run['offset']}")
-            finally:
-                os.close(fd)
-    except BaseException:
-        mem.close()
-        raise
-    return mem
 
 
 def merge(snapshot_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:

@@ -4,7 +4,7 @@
 One boot of the kvmpy guest (128 MiB, 1 vCPU) to its shell, then:
 
 1. fork: the first fork (which copies the parent's present pages into the
-   template memfd), then `Machine.fork(1)` per child (median of `--forks`, each child closed
+   template memfd), then `MicroVM.fork(1)` per child (median of `--forks`, each child closed
    before the next) and `fork(10)` per child, against `MicroVM.restore` of a
    full snapshot file (median of `--forks`); one forked child answers a command.
 2. memory: `--idle` children forked at once, idling for 5 s: the process's

@@ -27,10 +27,13 @@ from .config import (
                      VsockConfig,
                      memory_problem,
 )
+from .fork import ForkError, fork, fork_machine
 from .machine import ConsoleLog, Ending, Machine, Outcome, Status
 from .state import MachineState
 
 __all__ = ["DEFAULT_CMDLINE", "DEFAULT_MEMORY", "MAX_CMDLINE", "TEST_DEVICES", "ConfigError", "ConsoleLog",
-           "DeviceError", "DiskConfig", "Ending", "Machine", "MachineConfig", "MachineState", "ModuleConfig",
-           "NetConfig", "Outcome", "ShareConfig", "Status", "VsockConfig", "build", "device_configs", "kernel_cmdline",
+           "DeviceError", "DiskConfig", "Ending", "ForkError", "Machine", "MachineConfig", "MachineState",
+           "ModuleConfig",
+           "NetConfig", "Outcome", "ShareConfig", "Status", "VsockConfig", "build", "device_configs", "fork",
+           "fork_machine", "kernel_cmdline",
            "make_devices", "memory_problem", "restore"]

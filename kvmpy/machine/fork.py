@@ -1,6 +1,6 @@
 """Live fork: n children of a paused machine, sharing its RAM copy-on-write.
 
-    children = machine.fork(3)       # paused children; machine.fork pauses a running parent and resumes it
+    children = fork(machine, 3)      # paused children; fork pauses a running parent and resumes it
     for c in children:
         c.start()
 
@@ -119,6 +119,18 @@ def fork_machine(parent: Machine, n: int, *, disk_for_child: DiskForChild | None
     return children
 
 
+def fork(machine: Machine, n: int, **kw: Any) -> list[Machine]:
+    """`n` paused children sharing `machine`'s RAM copy-on-write (`fork_machine`'s keywords);
+    a running machine is paused for the fork and resumed after it."""
+    was_running = machine.state == "running"
+    machine.pause()
+    try:
+        return fork_machine(machine, n, **kw)
+    finally:
+        if was_running:
+            machine.resume()
+
+
 def _child(parent: Machine, state: Any, log: bytes, configs: list[dict], sink: Console | None) -> Machine:
     memory = GuestMemory(0)
     try:
@@ -141,4 +153,4 @@ def _devices(machine: Machine) -> list[Any]:
     return [s.device for s in machine.virtio.slots] if machine.virtio is not None else []
 
 
-__all__ = ["DiskForChild", "ForkError", "child_device_configs", "fork_machine"]
+__all__ = ["DiskForChild", "ForkError", "child_device_configs", "fork", "fork_machine"]

@@ -437,21 +437,6 @@ class Machine:
         self.console.restore_state(state.console, console)
         return refused
 
-    def fork(self, n: int, **kw: Any) -> list[Machine]:
-        """`n` paused children sharing this machine's RAM copy-on-write (kvmpy/machine/fork.py).
-
-        A running machine is paused for the fork and resumed after it.
-        """
-        from .fork import fork_machine
-
-        was_running = self.state == "running"
-        self.pause()
-        try:
-            return fork_machine(self, n, **kw)
-        finally:
-            if was_running:
-                self.resume()
-
     # -- statistics and the end ----------------------------------------------------------
 
     def stats(self) -> dict:

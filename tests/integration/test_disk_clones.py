@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from kvmpy.machine import ConfigError, DiskConfig, MachineConfig, build
+from kvmpy.machine import ConfigError, DiskConfig, MachineConfig, build, fork
 from kvmpy.snapshot import Snapshot, restore_machine, take_snapshot
 from kvmpy.storage import DiskChangedError, ImageLockedError
 
@@ -147,7 +147,7 @@ def test_fork_children_of_a_vm_on_an_overlay_each_get_their_own_disk(tmp_path, k
     config = MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", disks=[DiskConfig(base, overlay=True)])
     with build(config, kvm=kvm) as m:
         _disk(m).image.write(0, b"before fork")
-        children = m.fork(3)
+        children = fork(m, 3)
         try:
             _disk(m).image.write(0, b"parent after")  # the parent writes on
             for i, c in enumerate(children):
@@ -174,4 +174,4 @@ def test_fork_of_a_vm_writing_a_plain_disk_is_refused_saying_what_to_do(tmp_path
     disk.write_bytes(bytes(4 * MiB))
     with build(MachineConfig(kernel=_elf(tmp_path, "spin"), memory="64M", disks=[disk]), kvm=kvm) as m:
         with pytest.raises(ForkError, match=r"writable: children cannot share it; give the VM an overlay disk"):
-            m.fork(2)
+            fork(m, 2)

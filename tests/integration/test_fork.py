@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy import cow
-from kvmpy.machine import MachineConfig, build
+from kvmpy.machine import MachineConfig, build, fork
 from kvmpy.machine.fork import ForkError
 
 COUNTER = 0x200000  # inside the 64 MiB guest, above the kernel at 1 MiB
@@ -60,7 +60,7 @@ def test_children_start_from_the_parent_and_diverge_copy_on_write(parent):
     base = _advance(parent, 0)
     assert base > 0
     parent.memory.write_u32(MARK, 0xAAAA)  # a VMM write before the fork: every child has it
-    children = parent.fork(2)
+    children = fork(parent, 2)
     try:
         assert [c.state for c in children] == ["paused", "paused"]
         assert all(c.memory.read_u32(COUNTER) == base and c.memory.read_u32(MARK) == 0xAAAA for c in children)
@@ -89,10 +89,10 @@ def test_children_start_from_the_parent_and_diverge_copy_on_write(parent):
 
 def test_a_second_fork_starts_from_the_parent_as_it_is_then(parent):
     base = _advance(parent, 0)
-    first = parent.fork(1)
+    first = fork(parent, 1)
     try:
         later = _advance(parent, base)
-        second = parent.fork(1)
+        second = fork(parent, 1)
         try:
             assert second[0].memory.read_u32(COUNTER) == later
             assert first[0].memory.read_u32(COUNTER) == base  # the first child still reads the old template
@@ -106,7 +106,7 @@ def test_a_second_fork_starts_from_the_parent_as_it_is_then(parent):
 
 def test_a_running_parent_is_paused_for_the_fork_and_runs_on(parent):
     parent.start()
-    children = parent.fork(1)
+    children = fork(parent, 1)
     try:
         assert parent.state == "running"
         before = parent.memory.read_u32(COUNTER)
@@ -122,7 +122,7 @@ def test_fork_refuses_a_writable_disk_without_disk_for_child(tmp_path, kvm):
     config = MachineConfig(kernel=_counter_kernel(tmp_path), memory="64M", disks=(str(image),))
     with build(config, kvm=kvm) as m:
         with pytest.raises(ForkError, match="disk 0 .*disk.img.* is writable"):
-            m.fork(1)
+            fork(m, 1)
         copies = []
 
         def own_copy(i, disk):
@@ -131,7 +131,7 @@ def test_fork_refuses_a_writable_disk_without_disk_for_child(tmp_path, kvm):
             copies.append(path)
             return {**disk, "path": str(path)}
 
-        children = m.fork(2, disk_for_child=own_copy)
+        children = fork(m, 2, disk_for_child=own_copy)
         try:
             assert [c.config.disks[0].path for c in children] == copies
         finally:
@@ -141,4 +141,4 @@ def test_fork_refuses_a_writable_disk_without_disk_for_child(tmp_path, kvm):
 
 def test_fork_refuses_a_bad_count(parent):
     with pytest.raises(ForkError, match="at least 1"):
-        parent.fork(0)
+        fork(parent, 0)

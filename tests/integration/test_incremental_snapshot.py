@@ -6,7 +6,7 @@ import pytest
 from test_fork import COUNTER, MARK, _advance, _counter_kernel
 
 from kvmpy.errors import SnapshotError
-from kvmpy.machine import MachineConfig, build
+from kvmpy.machine import MachineConfig, build, fork
 from kvmpy.snapshot import Snapshot, restore_machine
 from kvmpy.snapshot_chain import merge, snapshot
 
@@ -72,7 +72,7 @@ def test_an_incremental_is_refused_when_its_parent_was_replaced(machine, tmp_pat
 def test_incrementals_and_forks_of_one_machine_do_not_disturb_each_other(machine, tmp_path, kvm):
     count = _advance(machine, 0)
     snapshot(machine, tmp_path / "s0")
-    (child,) = machine.fork(1)
+    (child,) = fork(machine, 1)
     try:
         later = _advance(machine, count)
         snapshot(machine, tmp_path / "s1", parent=tmp_path / "s0")

@@ -6,7 +6,7 @@ import pytest
 from test_fork import MARK, _advance, _counter_kernel
 
 from kvmpy import lazy
-from kvmpy.machine import MachineConfig, build
+from kvmpy.machine import MachineConfig, build, fork
 from kvmpy.snapshot import Snapshot, restore_machine, take_snapshot
 
 pytestmark = pytest.mark.skipif(lazy.unavailable() is not None, reason=f"userfaultfd: {lazy.unavailable()}")
@@ -81,7 +81,7 @@ def test_a_lazily_restored_machine_forks_with_all_its_memory(snap, kvm):
     s, count = snap
     m, _ = lazy.restore_lazy(s, kvm=kvm)
     try:
-        (child,) = m.fork(1)  # pages never touched yet must reach the child from the file, not as zeros
+        (child,) = fork(m, 1)  # pages never touched yet must reach the child from the file, not as zeros
         try:
             assert child.memory.read(MARK, 1000) == b"lazy pages" * 100
             assert _advance(child, count) > count
